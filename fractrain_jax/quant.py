@@ -1,0 +1,205 @@
+"""Fake quantizers with separate forward and backward bit widths (SPEC section 1).
+
+All quantizers are asymmetric min/max quantizers with ``2**b`` levels and
+return the dequantized ("fake") value. A bit width is either a Python int
+(static: changing it recompiles) or an integer array of shape ``(batch,)``
+applied per sample along axis 0 (traced: changing it does not). Width ``0``
+means "do not quantize": the tensor passes through bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Bits = Union[int, jax.Array, np.ndarray]
+
+MAX_BITS = 32
+# SPEC section 1: the step never drops below this, so a constant tensor stays finite.
+MIN_STEP = 1e-8
+
+
+def is_static(bits: Bits) -> bool:
+  """True for a Python (or NumPy scalar) int width, False for a per-sample array."""
+  return isinstance(bits, (int, np.integer)) and not isinstance(bits, bool)
+
+
+def check_bits(bits: Bits, what: str = "bits") -> None:
+  """Refuses a width that is not an int in 0..32 (0 = do not quantize)."""
+  if is_static(bits):
+    if not 0 <= int(bits) <= MAX_BITS:
+      raise ValueError(
+          f"{what}={bits!r} is outside 0..{MAX_BITS} "
+          "(use 1..32 bits, or 0 for no quantization)")
+    return
+  dtype = getattr(bits, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+        f"{what}={bits!r} is not an integer bit width: pass a Python int in "
+        f"0..{MAX_BITS} or an integer array of shape (batch,)")
+  if getattr(bits, "ndim", None) != 1:
+    raise ValueError(
+        f"{what} has shape {bits.shape}; per-sample widths must have shape (batch,)")
+  if isinstance(bits, np.ndarray) and (bits.min() < 0 or bits.max() > MAX_BITS):
+    raise ValueError(f"{what}={bits!r} has values outside 0..{MAX_BITS}")
+
+
+def _per_sample(v: jax.Array, ndim: int) -> jax.Array:
+  """Reshapes a (batch,) vector to broadcast along axis 0 of an ndim tensor."""
+  return jnp.reshape(v, v.shape + (1,) * (ndim - 1))
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+  """A 32-bit integer finalizer with full avalanche (lowbias32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def uniform_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform(-0.5, 0.5) noise for stochastic rounding, one value per element.
+
+  Counter-based: a hash of each element's flat index, seeded by 32 random bits
+  from ``key``. It is element-wise, so XLA fuses it into the quantization, and
+  it does not depend on how the tensor is sharded. ``jax.random.uniform`` costs
+  about 5x a whole deterministic quantization on the CPU.
+  """
+  seed = _mix32(jax.random.bits(key, (), jnp.uint32))
+  size = int(np.prod(shape, dtype=np.int64))
+  if size >= 2**32:
+    raise ValueError(f"tensor of {size} elements is too large for 32-bit noise counters")
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  h = _mix32(index ^ seed)
+  # 24 bits fill a float32 mantissa exactly: u is in [-0.5, 0.5).
+  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24) - jnp.float32(0.5)
+
+
+def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None) -> jax.Array:
+  """Dequantized ``Q_b(x; lo, hi)``; rounds to nearest, or stochastically with ``key``."""
+  check_bits(bits)
+  if is_static(bits):
+    if bits == 0:
+      return x
+    levels = jnp.float32(2.0**bits - 1)
+  else:
+    levels = _per_sample(jnp.exp2(bits.astype(jnp.float32)) - 1.0, x.ndim)
+  xf = x.astype(jnp.float32)
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  step = jnp.maximum((hi - lo) / levels, jnp.float32(MIN_STEP))
+  v = (xf - lo) / step
+  if key is not None:
+    v = v + uniform_noise(key, x.shape)
+  q = jnp.clip(jnp.round(v), 0.0, levels) * step + lo
+  if not is_static(bits):
+    q = jnp.where(_per_sample(bits, x.ndim) == 0, xf, q)
+  return q.astype(x.dtype)
+
+
+@jax.custom_vjp
+def straight_through(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Returns ``y``; the cotangent goes to ``x`` unchanged and nothing to ``y``."""
+  return y
+
+
+def _straight_through_fwd(x, y):
+  return y, None
+
+
+def _straight_through_bwd(_, g):
+  return g, None
+
+
+straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+def fake_quant(x: jax.Array, bits: Bits, *, lo=None, hi=None) -> jax.Array:
+  """Quantizes ``x`` in the forward pass; the backward pass is straight-through.
+
+  Without ``lo``/``hi`` the range is the per-tensor min/max of ``x``.
+  """
+  check_bits(bits)
+  if is_static(bits) and bits == 0:
+    return x
+  xs = jax.lax.stop_gradient(x)
+  lo = jnp.min(xs) if lo is None else jax.lax.stop_gradient(lo)
+  hi = jnp.max(xs) if hi is None else jax.lax.stop_gradient(hi)
+  return straight_through(x, quantize(xs, bits, lo=lo, hi=hi))
+
+
+def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
+  """Per-output-channel (last axis) fake quantization, straight-through."""
+  check_bits(bits)
+  if not is_static(bits):
+    raise ValueError(f"weight bits must be a Python int, got {bits!r}")
+  if bits == 0:
+    return w
+  ws = jax.lax.stop_gradient(w)
+  axes = tuple(range(w.ndim - 1))
+  lo = jnp.min(ws, axis=axes)
+  hi = jnp.max(ws, axis=axes)
+  return straight_through(w, quantize(ws, bits, lo=lo, hi=hi))
+
+
+def _quantize_cotangent(g: jax.Array, bits: Bits, key: jax.Array) -> jax.Array:
+  return quantize(g, bits, lo=jnp.min(g), hi=jnp.max(g), key=key)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _quantize_grad_static(y, key, bits):
+  del key, bits
+  return y
+
+
+def _quantize_grad_static_fwd(y, key, bits):
+  del bits
+  return y, key
+
+
+def _quantize_grad_static_bwd(bits, key, g):
+  return _quantize_cotangent(g, bits, key), None
+
+
+_quantize_grad_static.defvjp(_quantize_grad_static_fwd, _quantize_grad_static_bwd)
+
+
+@jax.custom_vjp
+def _quantize_grad_per_sample(y, bits, key):
+  del bits, key
+  return y
+
+
+def _quantize_grad_per_sample_fwd(y, bits, key):
+  return y, (bits, key)
+
+
+def _quantize_grad_per_sample_bwd(res, g):
+  bits, key = res
+  return _quantize_cotangent(g, bits, key), None, None
+
+
+_quantize_grad_per_sample.defvjp(_quantize_grad_per_sample_fwd, _quantize_grad_per_sample_bwd)
+
+
+def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None) -> jax.Array:
+  """Identity forward; backward quantizes the cotangent of ``y`` stochastically.
+
+  The cotangent's range is its own per-tensor min/max over the whole batch;
+  per-sample ``bits`` pick each sample's grid within that range.
+  """
+  check_bits(bits)
+  if is_static(bits):
+    if bits == 0:
+      return y
+    if key is None:
+      raise ValueError(f"quantize_grad at {bits} bits needs a PRNG key for stochastic rounding")
+    return _quantize_grad_static(y, key, int(bits))
+  if key is None:
+    raise ValueError("quantize_grad with per-sample bits needs a PRNG key")
+  return _quantize_grad_per_sample(y, bits, key)
