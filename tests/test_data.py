@@ -1,0 +1,357 @@
+"""Tests of the input pipeline (fractrain_jax/data.py).
+
+Datasets come from `tfds.testing.mock_data` or from tiny image folders written
+here; nothing is downloaded.
+"""
+
+import os
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from fractrain_jax import data
+
+MEAN = np.asarray(data.CIFAR_MEAN, np.float32)
+STD = np.asarray(data.CIFAR_STD, np.float32)
+
+
+def _np_normalize(images, mean=MEAN, std=STD):
+  return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def _np_crop_flip(images, offsets, flips, pad):
+  """Reference: zero-pad, slice each image at its offset, mirror where flipped."""
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = np.empty_like(images)
+  for i in range(n):
+    r, c = offsets[i]
+    crop = padded[i, r:r + h, c:c + w]
+    out[i] = crop[:, ::-1] if flips[i] else crop
+  return out
+
+
+def _images(n, h=6, w=5, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# On-device augmentation and batch order.
+# ---------------------------------------------------------------------------
+
+
+def test_normalize_matches_numpy():
+  images = _images(3)
+  got = jax.jit(data.normalize, static_argnums=(1, 2))(
+      jnp.asarray(images), data.CIFAR_MEAN, data.CIFAR_STD)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, _np_normalize(images), rtol=1e-6, atol=1e-6)
+
+
+def test_crop_flip_matches_numpy_for_given_offsets():
+  images = _images(4)
+  offsets = np.array([[0, 0], [4, 8], [8, 3], [2, 5]], np.int32)
+  flips = np.array([False, True, False, True])
+  got = data.crop_flip(jnp.asarray(images), jnp.asarray(offsets), jnp.asarray(flips), pad=4)
+  np.testing.assert_array_equal(got, _np_crop_flip(images, offsets, flips, 4))
+  # Offset (pad, pad) unflipped is the image itself.
+  np.testing.assert_array_equal(
+      data.crop_flip(jnp.asarray(images), jnp.full((4, 2), 4, jnp.int32),
+                     jnp.zeros(4, bool), pad=4), images)
+
+
+def test_augment_is_sampled_crop_flip_then_normalize():
+  images = _images(64, h=8, w=8)
+  key = jax.random.key(3)
+  aug = jax.jit(data.augment, static_argnums=(2, 3), static_argnames="pad")
+  got = aug(key, jnp.asarray(images), data.CIFAR_MEAN, data.CIFAR_STD, pad=4)
+  offsets, flips = map(np.asarray, data.sample_crop_flip(key, 64, pad=4))
+  assert offsets.min() >= 0 and offsets.max() <= 8
+  # 64 samples: every offset row and both flip states occur.
+  assert len(np.unique(offsets[:, 0])) > 4 and 0 < flips.sum() < 64
+  chex.assert_shape(got, images.shape)
+  assert got.dtype == jnp.float32
+  want = _np_normalize(_np_crop_flip(images, offsets, flips, 4))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # Padding is black in pixel space: it normalizes to -mean/std.
+  i = int(np.argmax((offsets[:, 0] == 0)))
+  np.testing.assert_allclose(got[i, :4], np.broadcast_to(-MEAN / STD, (4, 8, 3)), rtol=1e-6)
+  # Another key, other crops.
+  assert not np.allclose(aug(jax.random.key(4), jnp.asarray(images),
+                             data.CIFAR_MEAN, data.CIFAR_STD, pad=4), got)
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit,
+                                       jax.sharding.AxisType.Auto])
+def test_augment_of_a_batch_sharded_over_devices_matches_unsharded(axis_type):
+  images = jnp.asarray(_images(8, h=8, w=8))
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+  sharded = jax.device_put(images, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  aug = jax.jit(lambda k, x: data.augment(k, x, data.CIFAR_MEAN, data.CIFAR_STD))
+  key = jax.random.key(11)
+  np.testing.assert_array_equal(aug(key, sharded), aug(key, images))
+
+
+def test_augment_refuses_non_uint8():
+  with pytest.raises(ValueError, match="uint8"):
+    data.augment(jax.random.key(0), jnp.zeros((2, 4, 4, 3)), data.CIFAR_MEAN, data.CIFAR_STD)
+
+
+def test_batch_indices_visit_each_example_once_per_epoch():
+  key = jax.random.key(7)
+  n, b = 10, 3  # 3 steps per epoch, one example dropped each epoch.
+  epochs = []
+  for epoch in range(2):
+    steps = [np.asarray(data.batch_indices(key, 3 * epoch + s, n, b)) for s in range(3)]
+    order = np.concatenate(steps)
+    assert order.dtype == np.int32
+    assert len(set(order.tolist())) == 9 and order.min() >= 0 and order.max() < n
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    np.testing.assert_array_equal(order, perm[:9])
+    epochs.append(order)
+  assert not np.array_equal(epochs[0], epochs[1])
+  # Same (key, step), same batch; traced step under jit gives the same.
+  jitted = jax.jit(data.batch_indices, static_argnums=(2, 3))
+  for step in (0, 4, 5, 100):
+    np.testing.assert_array_equal(jitted(key, jnp.int32(step), n, b),
+                                  data.batch_indices(key, step, n, b))
+
+
+def test_batch_indices_refuses_bad_batch_size():
+  with pytest.raises(ValueError, match="batch_size=11"):
+    data.batch_indices(jax.random.key(0), 0, 10, 11)
+
+
+# ---------------------------------------------------------------------------
+# Subsets.
+# ---------------------------------------------------------------------------
+
+
+def test_subset_indices_balanced_seeded():
+  labels = np.repeat(np.arange(3), [50, 30, 5])
+  for size, want in ((10, [4, 3, 3]), (20, [8, 7, 5]), (85, [50, 30, 5])):
+    idx = data.subset_indices(labels, size, seed=1)
+    assert len(idx) == size and len(np.unique(idx)) == size
+    assert np.all(np.diff(idx) > 0)
+    counts = np.bincount(labels[idx], minlength=3)
+    # Balanced as far as each class's supply allows.
+    np.testing.assert_array_equal(np.sort(counts)[::-1], sorted(want, reverse=True))
+    np.testing.assert_array_equal(idx, data.subset_indices(labels, size, seed=1))
+  assert not np.array_equal(data.subset_indices(labels, 10, seed=1),
+                            data.subset_indices(labels, 10, seed=2))
+  with pytest.raises(ValueError, match="subset size 86"):
+    data.subset_indices(labels, 86, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# Image folders.
+# ---------------------------------------------------------------------------
+
+
+def _write_folder(root, layout, fmt="png"):
+  """layout: {split: {class: uint8 images (n, h, w, 3)}}; returns {class: images} per split."""
+  for split, classes in layout.items():
+    for name, images in classes.items():
+      os.makedirs(os.path.join(root, split, name), exist_ok=True)
+      for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(root, split, name, f"{i}.{fmt}"))
+  return root
+
+
+def _two_class_layout(h=6, w=5):
+  return {
+      "train": {"dog": _images(3, h, w, seed=1), "cat": _images(2, h, w, seed=2)},
+      "test": {"dog": _images(2, h, w, seed=3), "cat": _images(2, h, w, seed=4)},
+  }
+
+
+def _label_of(image, classes_images):
+  """The class (sorted index) whose source images hold `image` exactly."""
+  hits = [k for k, (_, imgs) in enumerate(sorted(classes_images.items()))
+          if any(np.array_equal(image, src) for src in imgs)]
+  assert len(hits) == 1
+  return hits[0]
+
+
+def test_folder_png_loads_exact_pixels_and_sorted_labels(tmp_path):
+  layout = _two_class_layout()
+  root = _write_folder(str(tmp_path), layout)
+  ds = data.load_arrays(f"folder:{root}")
+  assert ds.num_classes == 2 and (ds.mean, ds.std) == (data.CIFAR_MEAN, data.CIFAR_STD)
+  for split, n in (("train", 5), ("test", 4)):
+    images = getattr(ds, f"{split}_images")
+    labels = getattr(ds, f"{split}_labels")
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+    chex.assert_shape(images, (n, 6, 5, 3))
+    # "cat" < "dog": cat is 0, dog is 1.
+    for image, label in zip(images, labels):
+      assert label == _label_of(image, layout[split])
+
+
+def test_folder_jpeg_loads(tmp_path):
+  smooth = np.broadcast_to(np.linspace(0, 250, 16, dtype=np.uint8)[None, :, None],
+                           (16, 16, 3)).copy()
+  layout = {s: {"a": smooth[None], "b": (255 - smooth)[None]} for s in ("train", "test")}
+  root = _write_folder(str(tmp_path), layout, fmt="jpg")
+  ds = data.load_arrays(f"folder:{root}")
+  chex.assert_shape(ds.train_images, (2, 16, 16, 3))
+  for image, label in zip(ds.train_images, ds.train_labels):
+    src = smooth if label == 0 else 255 - smooth
+    assert np.abs(image.astype(int) - src).mean() < 8
+
+
+def test_folder_subsets_fixed_per_seed(tmp_path):
+  root = _write_folder(str(tmp_path), _two_class_layout())
+  a = data.load_arrays(f"folder:{root}", train_subset=4, test_subset=2, seed=5)
+  b = data.load_arrays(f"folder:{root}", train_subset=4, test_subset=2, seed=5)
+  assert a.num_train == 4 and a.num_test == 2
+  np.testing.assert_array_equal(np.bincount(a.train_labels), [2, 2])
+  np.testing.assert_array_equal(np.bincount(a.test_labels), [1, 1])
+  np.testing.assert_array_equal(a.train_images, b.train_images)
+  np.testing.assert_array_equal(a.test_labels, b.test_labels)
+  with pytest.raises(ValueError, match="train_subset=6 exceeds the 5"):
+    data.load_arrays(f"folder:{root}", train_subset=6)
+  with pytest.raises(ValueError, match="test_subset=-1"):
+    data.load_arrays(f"folder:{root}", test_subset=-1)
+
+
+def test_folder_errors(tmp_path):
+  missing = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match=missing):
+    data.load_arrays(f"folder:{missing}")
+
+  only_train = _write_folder(str(tmp_path / "only_train"),
+                             {"train": _two_class_layout()["train"]})
+  with pytest.raises(FileNotFoundError, match=os.path.join(only_train, "test")):
+    data.load_arrays(f"folder:{only_train}")
+
+  layout = _two_class_layout()
+  layout["test"]["bird"] = _images(1)
+  mismatch = _write_folder(str(tmp_path / "mismatch"), layout)
+  with pytest.raises(ValueError, match=r"only in test: \['bird'\]"):
+    data.load_arrays(f"folder:{mismatch}")
+
+  layout = _two_class_layout()
+  layout["train"]["cat"] = _images(1, 7, 7)
+  sizes = _write_folder(str(tmp_path / "sizes"), layout)
+  with pytest.raises(ValueError, match="one size.*6x5.*7x7"):
+    data.load_arrays(f"folder:{sizes}")
+
+
+def test_folder_reads_real_files_under_mock_data(tmp_path):
+  layout = _two_class_layout()
+  root = _write_folder(str(tmp_path), layout)
+  with tfds.testing.mock_data(num_examples=3):
+    ds = data.load_arrays(f"folder:{root}")
+  assert ds.num_train == 5
+  for image, label in zip(ds.train_images, ds.train_labels):
+    assert label == _label_of(image, layout["train"])
+
+
+# ---------------------------------------------------------------------------
+# tfds datasets: names, mock data, not-prepared refusal.
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_dataset_lists_accepted_names():
+  with pytest.raises(ValueError, match="mnist.*cifar10.*cifar100.*imagenet2012.*folder:PATH"):
+    data.load_arrays("mnist")
+  with pytest.raises(ValueError, match="folder:"):
+    data.is_streamed("folder:")
+  assert data.is_streamed("imagenet2012") and not data.is_streamed("cifar10")
+  assert not data.is_streamed("folder:/x")
+  with pytest.raises(ValueError, match="StreamData"):
+    data.load_arrays("imagenet2012")
+  with pytest.raises(ValueError, match="load_arrays"):
+    data.StreamData("cifar100")
+
+
+@pytest.mark.parametrize("name,num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_mock_cifar_loads_into_arrays(tmp_path, name, num_classes):
+  # An empty data_dir: the mock must not be refused as "not prepared".
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.load_arrays(name, data_dir=str(tmp_path), train_subset=4)
+  assert ds.num_classes == num_classes
+  chex.assert_shape([ds.train_images, ds.test_images], [(4, 32, 32, 3), (6, 32, 32, 3)])
+  assert ds.train_images.dtype == np.uint8 and ds.test_labels.dtype == np.int32
+  assert 0 <= ds.test_labels.min() and ds.test_labels.max() < num_classes
+
+
+def test_not_prepared_fails_fast_and_names_data_dir(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(FileNotFoundError) as err:
+    data.load_arrays("cifar10", data_dir=str(tmp_path))
+  assert time.monotonic() - start < 30
+  message = str(err.value)
+  for part in ("'cifar10'", str(tmp_path), "--config.data.data_dir=",
+               "--config.data.download=True", "--config.data.dataset=folder:PATH"):
+    assert part in message
+  with pytest.raises(FileNotFoundError, match="imagenet2012"):
+    data.StreamData("imagenet2012", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# ImageNet stream and device prefetch.
+# ---------------------------------------------------------------------------
+
+
+def test_imagenet_stream_on_mock_data_is_resumable(tmp_path):
+  with tfds.testing.mock_data(num_examples=12):
+    stream = data.StreamData("imagenet2012", data_dir=str(tmp_path), image_size=16,
+                             shuffle_buffer=8)
+    assert (stream.num_classes, stream.num_train, stream.num_test) == (1000, 12, 12)
+    assert stream.steps_per_epoch(4) == 3
+    fresh = stream.train_batches(4, seed=0)
+    batches = [next(fresh) for _ in range(6)]  # two epochs
+    for images, labels in batches:
+      chex.assert_shape(images, (4, 16, 16, 3))
+      assert images.dtype == np.float32 and labels.dtype == np.int32
+      lo = (0 - np.asarray(data.IMAGENET_MEAN)) / np.asarray(data.IMAGENET_STD)
+      hi = (1 - np.asarray(data.IMAGENET_MEAN)) / np.asarray(data.IMAGENET_STD)
+      assert np.all(images >= lo - 1e-4) and np.all(images <= hi + 1e-4)
+    tests = list(stream.test_batches(5))
+    # Each epoch visits every example once (mock train and test splits are the same).
+    all_labels = np.sort(np.concatenate([t[1][t[2]] for t in tests]))
+    for epoch in range(2):
+      np.testing.assert_array_equal(
+          np.sort(np.concatenate([b[1] for b in batches[3 * epoch:3 * epoch + 3]])), all_labels)
+    assert not np.array_equal(batches[0][1], batches[3][1])
+    for step in (2, 4):
+      images, labels = next(stream.train_batches(4, seed=0, start_step=step))
+      np.testing.assert_array_equal(labels, batches[step][1])
+      np.testing.assert_array_equal(images, batches[step][0])
+    other = next(stream.train_batches(4, seed=1))
+    assert not np.array_equal(other[0], batches[0][0])
+
+  assert len(tests) == 3
+  for images, labels, valid in tests:
+    chex.assert_shape([images, labels, valid], [(5, 16, 16, 3), (5,), (5,)])
+  np.testing.assert_array_equal(tests[-1][2], [True, True, False, False, False])
+
+
+def test_prefetch_to_device_places_batches_and_forwards_errors():
+  mesh = jax.make_mesh((2,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  host = [(np.full((4, 3), i, np.float32), np.arange(4, dtype=np.int32) + i) for i in range(5)]
+  got = list(data.prefetch_to_device(iter(host), sharding))
+  assert len(got) == 5
+  for (x, y), (dx, dy) in zip(host, got):
+    assert dx.sharding == sharding and dy.sharding == sharding
+    np.testing.assert_array_equal(dx, x)
+    np.testing.assert_array_equal(dy, y)
+
+  def failing():
+    yield host[0]
+    raise OSError("disk gone")
+
+  it = data.prefetch_to_device(failing(), sharding)
+  next(it)
+  with pytest.raises(OSError, match="disk gone"):
+    next(it)
