@@ -1,6 +1,11 @@
 """Test-session setup: two host CPU devices (for the sharding tests) and cheap compiles."""
 
 import os
+import pathlib
+import sys
+
+# `pytest` as well as `python -m pytest`: the package and configs/ live at the repo root.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

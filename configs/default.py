@@ -1,0 +1,139 @@
+"""Every configuration key, set to the paper's CIFAR recipe (SPEC section 6).
+
+Full-precision ResNet-38 on CIFAR-10: SGD with momentum 0.9, weight decay 1e-4,
+lr 0.1, batch 128, 64,000 iterations with lr x0.1 at 32,000 and 48,000. The
+recipe files (``fp32_cifar10.py``, ``pfq_cifar10.py``, ...) start from here.
+
+Run: ``python main.py --config configs/default.py --workdir /tmp/fp32``;
+any key can be overridden, e.g. ``--config.train.iters=2000``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration: FP32 ResNet-38 on CIFAR-10."""
+  config = ml_collections.ConfigDict()
+
+  # Training method: 'fp32' (full precision), 'static' (fixed fw/bw bits,
+  # e.g. SBM 8/8), 'pfq' (SPEC section 3), 'dfq' (section 4) or 'frac'
+  # (FracTrain, section 5).
+  config.method = "fp32"
+  # Seed of parameter init, data order, Gumbel noise and stochastic rounding.
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # Backbone: resnet20/38/74/110/152 or mobilenet_v2 (CIFAR), resnet18/34/50
+  # (ImageNet). 'dfq' and 'frac' train its gated_<name> variant.
+  config.model.name = "resnet38"
+
+  config.data = ml_collections.ConfigDict()
+  # 'cifar10', 'cifar100', 'imagenet2012' (TFDS) or 'folder:PATH' (a directory
+  # with train/<class>/*.jpg and test/<class>/*.jpg).
+  config.data.dataset = "cifar10"
+  # TFDS data_dir; None uses the TFDS default (~/tensorflow_datasets).
+  config.data.data_dir = config_dict.placeholder(str)
+  # Use only the first N training examples; 0 = all (quick runs and tests).
+  config.data.train_subset = 0
+  # Use only the first N test examples; 0 = all.
+  config.data.test_subset = 0
+  # Let TFDS download and prepare the dataset; False fails fast when it is
+  # not prepared under data_dir.
+  config.data.download = False
+
+  config.train = ml_collections.ConfigDict()
+  # Number of SGD iterations (64,000 in the paper's CIFAR recipe).
+  config.train.iters = 64000
+  # Global batch size (split across devices).
+  config.train.batch_size = 128
+  # Evaluate every N iterations; also the length of the PFQ indicator's
+  # "epoch" (390 iterations = one CIFAR epoch at batch 128).
+  config.train.eval_every = 390
+  # Global batch size at evaluation (10,000 CIFAR test images = 20 batches).
+  config.train.eval_batch_size = 500
+  # Full-precision fine-tuning iterations after the last one; 0 = none.
+  config.train.finetune_iters = 0
+  # Devices of the 1-D data mesh the batch is split over; 0 = all visible.
+  config.train.num_devices = 0
+  # Refresh the progress bar (and log the training loss) every N iterations.
+  config.train.log_every = 50
+
+  config.optim = ml_collections.ConfigDict()
+  # Peak learning rate of SGD.
+  config.optim.lr = 0.1
+  # SGD momentum (PyTorch convention: buf = m * buf + grad).
+  config.optim.momentum = 0.9
+  # Coupled L2 weight decay on all parameters, as PyTorch's SGD applies it.
+  config.optim.weight_decay = 1e-4
+  # Learning-rate schedule: 'piecewise' (x decay at each boundary), 'cosine'
+  # or 'linear' (both down to 0 at the last iteration).
+  config.optim.schedule = "piecewise"
+  # Iterations at which the piecewise schedule multiplies the lr by decay.
+  config.optim.boundaries = (32000, 48000)
+  # Factor applied at each piecewise boundary.
+  config.optim.decay = 0.1
+  # Constant warm-up iterations at warmup_lr before the schedule; 0 = none
+  # (the paper's optional warm-up is 400 iterations at 0.01).
+  config.optim.warmup_iters = 0
+  # Learning rate during the warm-up.
+  config.optim.warmup_lr = 0.01
+
+  config.quant = ml_collections.ConfigDict()
+  # Forward (activation) bits of method 'static'; weights use the same width.
+  config.quant.fw_bits = 8
+  # Backward (gradient) bits of method 'static'.
+  config.quant.bw_bits = 8
+  # Momentum of the running activation range used at evaluation.
+  config.quant.act_momentum = 0.9
+
+  config.pfq = ml_collections.ConfigDict()
+  # Forward bits of each PFQ stage (README example: 3, 4, 6, 8).
+  config.pfq.fw_schedule = (3, 4, 6, 8)
+  # Backward bits of each PFQ stage.
+  config.pfq.bw_schedule = (6, 6, 8, 8)
+  # Initial turning-point threshold epsilon of Alg. 1 (--initial_threshold).
+  config.pfq.eps = 0.05
+  # Threshold decay alpha, applied after the first and second turning points.
+  config.pfq.alpha = 0.3
+  # Number of turning points (PFQ: stages - 1; FracTrain: target raises).
+  config.pfq.num_turning_points = 3
+  # Number of recent epoch losses compared by the indicator.
+  config.pfq.window = 5
+  # The loss scale is the mean loss of the first this many epochs.
+  config.pfq.scale_epochs = 10
+
+  config.dfq = ml_collections.ConfigDict()
+  # Fixed weight bits of the gated convs (4 on CIFAR, 6 on ImageNet).
+  config.dfq.weight_bits = 4
+  # Forward bits of the K candidates the gate chooses from.
+  config.dfq.fw_candidates = (3, 4, 4, 6, 6)
+  # Backward bits of the K candidates (paired with fw_candidates).
+  config.dfq.bw_candidates = (6, 6, 8, 8, 12)
+  # Target cp (% of the FP32 step cost) of 'dfq'; first target of 'frac'.
+  config.dfq.target_cp = 3.0
+  # Target raise per turning point of 'frac' (target_i = target_cp + i*step).
+  config.dfq.target_step = 0.5
+  # Weight beta of the cost loss.
+  config.dfq.beta = 1e-3
+  # Half-width of the 'dfq' band around the target with sign +-0.1; 0 = none.
+  config.dfq.relax = 0.0
+  # Width of the 'frac' band above the target with sign 0; 0 = none.
+  config.dfq.range = 0.0
+  # Training gate: 'gumbel' (straight-through Gumbel-softmax) or 'hard'
+  # (the authors' straight-through argmax of the softmax).
+  config.dfq.gate = "gumbel"
+  # Gumbel-softmax temperature at the first iteration; it sets only the
+  # gradient's sharpness, the forward choice is one-hot whatever tau.
+  config.dfq.tau_start = 1.0
+  # Temperature at the last iteration (exponential annealing in between).
+  config.dfq.tau_end = 0.5
+  # Cost of a block: 'macs' (real per-layer MACs) or 'blocks' (every block
+  # weighted equally, the authors' default without a FLOPs table).
+  config.dfq.cost_weighting = "macs"
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Number of most recent checkpoints kept in the workdir.
+  config.checkpoint.keep = 3
+
+  return config

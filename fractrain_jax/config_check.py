@@ -1,0 +1,256 @@
+"""Early refusal of bad configurations, before any data is read or anything compiles.
+
+``validate(config)`` walks the keys of ``configs/default.py`` and raises a
+``ValueError`` naming the key, the bad value and what would be accepted. A
+mistake found here costs a second; found by the trainer it costs a compile,
+or a whole run (a PFQ schedule one stage short fails only at the last turning
+point). ``check_workdir(path)`` proves the output directory is writable.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import pathlib
+import tempfile
+from typing import Any, Sequence
+
+import ml_collections
+
+METHODS = ("fp32", "static", "pfq", "dfq", "frac")
+LR_SCHEDULES = ("piecewise", "cosine", "linear")
+GATES = ("gumbel", "hard")
+COST_WEIGHTINGS = ("macs", "blocks")
+DATASETS = ("cifar10", "cifar100", "imagenet2012")
+FOLDER_PREFIX = "folder:"
+MAX_BITS = 32
+# The trainer adds this prefix itself for 'dfq' and 'frac'.
+GATED_PREFIX = "gated_"
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  """config['a.b.c'] with a ValueError naming the key when it is missing."""
+  node = config
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      raise ValueError(
+          f"config.{key} is missing; start from configs/default.py, which "
+          "defines every key") from None
+  return node
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_at_least(config, key: str, minimum: int) -> int:
+  value = _get(config, key)
+  if not _is_int(value) or value < minimum:
+    raise ValueError(f"config.{key}={value!r}; expected an int >= {minimum}")
+  return int(value)
+
+
+def _real_in(config, key: str, lo: float, hi: float | None = None, *,
+             lo_open: bool = False, hi_open: bool = False) -> float:
+  """A number in the interval lo..hi (open or closed at either end)."""
+  value = _get(config, key)
+  ok = _is_real(value)
+  if ok:
+    ok = value > lo if lo_open else value >= lo
+  if ok and hi is not None:
+    ok = value < hi if hi_open else value <= hi
+  if not ok:
+    interval = ("(" if lo_open else "[") + f"{lo}, "
+    interval += "inf)" if hi is None else f"{hi}" + (")" if hi_open else "]")
+    raise ValueError(f"config.{key}={value!r}; expected a number in {interval}")
+  return float(value)
+
+
+def _choice(config, key: str, accepted: Sequence[str]) -> str:
+  value = _get(config, key)
+  if value not in accepted:
+    raise ValueError(f"config.{key}={value!r}; expected one of {tuple(accepted)}")
+  return value
+
+
+def _bits(key: str, value: Any) -> None:
+  if not _is_int(value) or not 1 <= value <= MAX_BITS:
+    raise ValueError(
+        f"config.{key}={value!r}; expected an int bit width in 1..{MAX_BITS}")
+
+
+def _bits_tuple(config, key: str) -> tuple[int, ...]:
+  value = _get(config, key)
+  if not isinstance(value, (tuple, list)) or not value:
+    raise ValueError(
+        f"config.{key}={value!r}; expected a non-empty tuple of bit widths "
+        f"in 1..{MAX_BITS}")
+  for b in value:
+    if not _is_int(b) or not 1 <= b <= MAX_BITS:
+      raise ValueError(
+          f"config.{key}={value!r} holds {b!r}; every entry must be an int "
+          f"bit width in 1..{MAX_BITS}")
+  return tuple(int(b) for b in value)
+
+
+def _check_model(config) -> None:
+  # Imported here: models pull in Flax layers, and a config check should not.
+  from fractrain_jax.models import available  # pylint: disable=g-import-not-at-top
+
+  name = _get(config, "model.name")
+  names = tuple(available())
+  if name in names:
+    return
+  hint = ""
+  if isinstance(name, str) and name.startswith(GATED_PREFIX):
+    hint = (f" (give the backbone name {name[len(GATED_PREFIX):]!r}: the "
+            "trainer adds the 'gated_' prefix itself for 'dfq' and 'frac')")
+  raise ValueError(f"config.model.name={name!r}; expected one of {names}{hint}")
+
+
+def _check_data(config) -> None:
+  dataset = _get(config, "data.dataset")
+  folder = isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX)
+  if not (dataset in DATASETS or (folder and dataset[len(FOLDER_PREFIX):])):
+    raise ValueError(
+        f"config.data.dataset={dataset!r}; expected one of {DATASETS} or "
+        f"'{FOLDER_PREFIX}PATH' with a non-empty PATH")
+  data_dir = _get(config, "data.data_dir")
+  if data_dir is not None and not isinstance(data_dir, str):
+    raise ValueError(f"config.data.data_dir={data_dir!r}; expected a str or None")
+  _int_at_least(config, "data.train_subset", 0)
+  _int_at_least(config, "data.test_subset", 0)
+  download = _get(config, "data.download")
+  if not isinstance(download, bool):
+    raise ValueError(f"config.data.download={download!r}; expected True or False")
+
+
+def _check_train(config) -> int:
+  iters = _int_at_least(config, "train.iters", 1)
+  for key in ("train.batch_size", "train.eval_every", "train.eval_batch_size",
+              "train.log_every"):
+    _int_at_least(config, key, 1)
+  _int_at_least(config, "train.finetune_iters", 0)
+  _int_at_least(config, "train.num_devices", 0)
+  return iters
+
+
+def _check_optim(config, iters: int) -> None:
+  _real_in(config, "optim.lr", 0.0, lo_open=True)
+  _real_in(config, "optim.momentum", 0.0, 1.0, hi_open=True)
+  _real_in(config, "optim.weight_decay", 0.0)
+  _choice(config, "optim.schedule", LR_SCHEDULES)
+  _real_in(config, "optim.decay", 0.0, lo_open=True)
+  boundaries = _get(config, "optim.boundaries")
+  ok = isinstance(boundaries, (tuple, list)) and all(
+      _is_int(b) and b >= 1 for b in boundaries)
+  if ok:
+    ok = all(a < b for a, b in zip(boundaries, boundaries[1:]))
+  if not ok:
+    raise ValueError(
+        f"config.optim.boundaries={boundaries!r}; expected a strictly "
+        "increasing tuple of iterations >= 1 (may be empty)")
+  warmup = _int_at_least(config, "optim.warmup_iters", 0)
+  if warmup >= iters:
+    raise ValueError(
+        f"config.optim.warmup_iters={warmup!r}; expected fewer than "
+        f"config.train.iters={iters}")
+  _real_in(config, "optim.warmup_lr", 0.0)
+
+
+def _check_pfq(config, method: str) -> int:
+  fw = _bits_tuple(config, "pfq.fw_schedule")
+  bw = _bits_tuple(config, "pfq.bw_schedule")
+  turning_points = _int_at_least(config, "pfq.num_turning_points", 0)
+  if len(fw) != len(bw):
+    raise ValueError(
+        f"config.pfq.fw_schedule={fw} and config.pfq.bw_schedule={bw} have "
+        f"{len(fw)} and {len(bw)} stages; expected the same number")
+  # Only PFQ reads the schedules; FracTrain uses the indicator alone.
+  if method == "pfq" and len(fw) != turning_points + 1:
+    raise ValueError(
+        f"config.pfq.fw_schedule={fw} has {len(fw)} stages but "
+        f"config.pfq.num_turning_points={turning_points}; expected "
+        f"num_turning_points + 1 = {turning_points + 1} stages")
+  _real_in(config, "pfq.eps", 0.0)
+  _real_in(config, "pfq.alpha", 0.0, lo_open=True)
+  # The indicator compares earlier losses with the last one: it needs two.
+  _int_at_least(config, "pfq.window", 2)
+  _int_at_least(config, "pfq.scale_epochs", 1)
+  return turning_points
+
+
+def _check_dfq(config, method: str, turning_points: int) -> None:
+  _bits("dfq.weight_bits", _get(config, "dfq.weight_bits"))
+  fw = _bits_tuple(config, "dfq.fw_candidates")
+  bw = _bits_tuple(config, "dfq.bw_candidates")
+  if len(fw) != len(bw):
+    raise ValueError(
+        f"config.dfq.fw_candidates={fw} and config.dfq.bw_candidates={bw} "
+        f"have {len(fw)} and {len(bw)} entries; expected one (fw, bw) pair "
+        "per candidate")
+  target = _real_in(config, "dfq.target_cp", 0.0, 100.0, lo_open=True)
+  step = _real_in(config, "dfq.target_step", 0.0)
+  if method == "frac" and target + turning_points * step > 100.0:
+    raise ValueError(
+        f"config.dfq.target_step={step!r} raises config.dfq.target_cp="
+        f"{target!r} to {target + turning_points * step} after "
+        f"{turning_points} turning points; expected a final target <= 100")
+  _real_in(config, "dfq.beta", 0.0)
+  _real_in(config, "dfq.relax", 0.0)
+  _real_in(config, "dfq.range", 0.0)
+  _choice(config, "dfq.gate", GATES)
+  _real_in(config, "dfq.tau_start", 0.0, lo_open=True)
+  _real_in(config, "dfq.tau_end", 0.0, lo_open=True)
+  _choice(config, "dfq.cost_weighting", COST_WEIGHTINGS)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on the first bad key: its name, value and what is accepted.
+
+  Every key is checked whatever the method, so a recipe file cannot carry a
+  broken setting that surfaces only when someone switches methods; the two
+  exceptions are checks that only one method's semantics define (the PFQ
+  stage count, the FracTrain final target).
+  """
+  method = _choice(config, "method", METHODS)
+  seed = _get(config, "seed")
+  if not _is_int(seed):
+    raise ValueError(f"config.seed={seed!r}; expected an int")
+  _check_model(config)
+  _check_data(config)
+  iters = _check_train(config)
+  _check_optim(config, iters)
+  _bits("quant.fw_bits", _get(config, "quant.fw_bits"))
+  _bits("quant.bw_bits", _get(config, "quant.bw_bits"))
+  _real_in(config, "quant.act_momentum", 0.0, 1.0, hi_open=True)
+  turning_points = _check_pfq(config, method)
+  _check_dfq(config, method, turning_points)
+  _int_at_least(config, "checkpoint.keep", 1)
+
+
+def check_workdir(path: str | os.PathLike) -> pathlib.Path:
+  """Creates ``path`` if needed and proves it writable; returns it absolute.
+
+  Raises ValueError naming the path when it cannot be created or written, so
+  a run does not fail at its first checkpoint, after the first compile.
+  """
+  workdir = pathlib.Path(path).expanduser().absolute()
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+    try:
+      os.write(fd, b"ok")
+    finally:
+      os.close(fd)
+      os.remove(probe)
+  except OSError as e:
+    raise ValueError(
+        f"workdir {str(workdir)!r} is not a writable directory: {e}") from e
+  return workdir

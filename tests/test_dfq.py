@@ -1,0 +1,218 @@
+"""DFQ's sign rules, cost loss, target and temperature schedules, and gates (SPEC sections 4, 5)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fractrain_jax import dfq
+
+F32 = np.float32
+
+
+def below(x):
+  """The float32 just below x."""
+  return np.nextafter(F32(x), F32(-np.inf))
+
+
+def above(x):
+  return np.nextafter(F32(x), F32(np.inf))
+
+
+def frac_rule(cp, target, range_):
+  """SPEC section 4, FracTrain script, written out."""
+  if cp < target:
+    return -1.0
+  if cp >= target + range_:
+    return 1.0
+  return 0.0
+
+
+def dfq_rule(cp, target, relax):
+  """SPEC section 4, DFQ script, written out."""
+  if cp < target - relax:
+    return -1.0
+  if cp >= target + relax:
+    return 1.0
+  return -0.1 if cp < target else 0.1
+
+
+# All targets and band edges are exact in float32: 2.0, 2.5, 3.0.
+TARGET = 2.5
+CPS = [0.0, 1.9, below(2.0), F32(2.0), above(2.0), below(2.5), F32(2.5),
+       above(2.5), below(3.0), F32(3.0), above(3.0), 50.0]
+
+
+@pytest.mark.parametrize("range_", [0.0, 0.5])
+def test_frac_sign_at_and_around_the_edges(range_):
+  got = [float(dfq.cost_sign(cp, TARGET, rule="frac", range_=range_)) for cp in CPS]
+  assert got == [frac_rule(F32(cp), F32(TARGET), F32(range_)) for cp in CPS]
+  # The edges themselves, spelled out: at the target the sign is +1 without
+  # a band and 0 inside one; at target + range it is +1.
+  assert float(dfq.cost_sign(2.5, 2.5, rule="frac", range_=range_)) == (
+      1.0 if range_ == 0 else 0.0)
+  assert float(dfq.cost_sign(below(2.5), 2.5, rule="frac", range_=range_)) == -1.0
+  assert float(dfq.cost_sign(2.5 + range_, 2.5, rule="frac", range_=range_)) == 1.0
+
+
+@pytest.mark.parametrize("relax", [0.0, 0.5])
+def test_dfq_sign_at_and_around_the_edges(relax):
+  got = [float(dfq.cost_sign(cp, TARGET, rule="dfq", relax=relax)) for cp in CPS]
+  want = [dfq_rule(F32(cp), F32(TARGET), F32(relax)) for cp in CPS]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_dfq_band_values():
+  # relax 0.5 around 2.5: band edges 2.0 and 3.0.
+  sign = lambda cp: float(dfq.cost_sign(cp, 2.5, rule="dfq", relax=0.5))
+  assert sign(below(2.0)) == -1.0
+  assert sign(2.0) == pytest.approx(-0.1)
+  assert sign(below(2.5)) == pytest.approx(-0.1)
+  assert sign(2.5) == pytest.approx(0.1)
+  assert sign(below(3.0)) == pytest.approx(0.1)
+  assert sign(3.0) == 1.0
+
+
+def test_sign_is_jittable_with_traced_cp_and_target():
+  sign = jax.jit(jax.vmap(
+      lambda cp, t: dfq.cost_sign(cp, t, rule="dfq", relax=0.5), in_axes=(0, None)))
+  cps = np.asarray(CPS, np.float32)
+  got = sign(cps, jnp.float32(TARGET))
+  chex.assert_type(got, jnp.float32)
+  np.testing.assert_allclose(got, [dfq_rule(c, F32(TARGET), F32(0.5)) for c in cps],
+                             rtol=1e-6)
+  chex.assert_shape(dfq.cost_sign(1.0, 2.0, rule="frac"), ())
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(rule="both"), "rule"),
+    (dict(rule="dfq", relax=-0.1), "relax"),
+    (dict(rule="frac", range_=-0.1), "range_"),
+])
+def test_sign_bad_arguments(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    dfq.cost_sign(1.0, 2.0, **kwargs)
+
+
+@pytest.mark.parametrize("cp,sign", [(1.0, -1.0), (2.0, 1.0), (5.0, 1.0)])
+def test_cost_loss_value_and_gradient(cp, sign):
+  beta, mean_macs, cost = 1e-3, 2.0e6, 3.0e7
+
+  def loss(cost, cp):
+    return dfq.cost_loss(cost, cp, 2.0, mean_layer_macs=mean_macs, beta=beta,
+                         rule="frac")
+
+  value, (d_cost, d_cp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+      jnp.float32(cost), jnp.float32(cp))
+  np.testing.assert_allclose(value, sign * beta * cost / mean_macs, rtol=1e-6)
+  np.testing.assert_allclose(d_cost, sign * beta / mean_macs, rtol=1e-6)
+  # The sign is a constant: no gradient reaches cp.
+  assert float(d_cp) == 0.0
+
+
+def test_cost_loss_refuses_non_positive_macs():
+  with pytest.raises(ValueError, match="mean_layer_macs"):
+    dfq.cost_loss(1.0, 1.0, 2.0, mean_layer_macs=0.0, beta=1e-3, rule="frac")
+
+
+def test_frac_target():
+  assert [dfq.frac_target(i, 1.5, 0.5) for i in range(4)] == [1.5, 2.0, 2.5, 3.0]
+  traced = jax.jit(lambda s: dfq.frac_target(s, 3.0, 0.5))(jnp.int32(3))
+  assert float(traced) == 4.5
+  with pytest.raises(ValueError, match="stage"):
+    dfq.frac_target(-1, 1.5, 0.5)
+
+
+def test_gumbel_tau_schedule():
+  tau = lambda step: float(dfq.gumbel_tau(step, 1000, 5.0, 0.5))
+  assert tau(0) == pytest.approx(5.0, rel=1e-6)
+  assert tau(1000) == pytest.approx(0.5, rel=1e-6)
+  # Exponential: halfway is the geometric mean; a quarter is 5 * 0.1**0.25.
+  assert tau(500) == pytest.approx(np.sqrt(5.0 * 0.5), rel=1e-6)
+  assert tau(250) == pytest.approx(5.0 * 0.1**0.25, rel=1e-6)
+  # Held outside the run.
+  assert tau(-10) == pytest.approx(5.0, rel=1e-6)
+  assert tau(5000) == pytest.approx(0.5, rel=1e-6)
+  jitted = jax.jit(lambda s: dfq.gumbel_tau(s, 1000, 5.0, 0.5))
+  assert float(jitted(jnp.int32(500))) == pytest.approx(np.sqrt(2.5), rel=1e-6)
+  assert float(dfq.gumbel_tau(300, 1000, 1.0, 1.0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("args,name", [
+    ((0, 0, 1.0, 0.5), "total_iters"),
+    ((0, 10, 0.0, 0.5), "tau_start"),
+    ((0, 10, 1.0, -0.5), "tau_end"),
+])
+def test_gumbel_tau_bad_arguments(args, name):
+  with pytest.raises(ValueError, match=name):
+    dfq.gumbel_tau(*args)
+
+
+LOGITS = jnp.asarray([[1.0, 0.0, -1.0, 0.5],
+                      [-2.0, 3.0, 0.1, 0.2],
+                      [0.3, 0.3, 0.2, -0.4]], jnp.float32)
+
+
+def test_gumbel_forward_is_exactly_one_hot_of_noisy_argmax():
+  key = jax.random.key(0)
+  mask = jax.jit(dfq.gumbel_softmax_st)(key, LOGITS, 0.7)
+  noise = jax.random.gumbel(key, LOGITS.shape, jnp.float32)
+  want = np.eye(4, dtype=np.float32)[np.argmax(np.asarray(LOGITS + noise), axis=-1)]
+  # Exact equality: the mask scales the candidates' quantized inputs.
+  np.testing.assert_array_equal(np.asarray(mask), want)
+
+
+def test_gumbel_argmax_frequencies_match_softmax():
+  # N samples per row; each class frequency is a binomial mean with standard
+  # error sqrt(p (1 - p) / N) <= 0.0035. Tolerance: 5 standard errors.
+  n = 20000
+  keys = jax.random.split(jax.random.key(1), n)
+  masks = jax.jit(jax.vmap(lambda k: dfq.gumbel_softmax_st(k, LOGITS, 1.0)))(keys)
+  freq = np.asarray(masks).mean(axis=0)
+  logits = np.asarray(LOGITS, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  tolerance = 5 * np.sqrt(p * (1 - p) / n)
+  assert np.all(np.abs(freq - p) <= tolerance), (freq, p)
+
+
+def softmax_jacobian_vjp(z, v, tau):
+  """v^T d softmax(z / tau) / dz, row by row, in float64 NumPy."""
+  s = np.exp((z - z.max(-1, keepdims=True)) / tau)
+  s /= s.sum(-1, keepdims=True)
+  out = np.empty_like(z)
+  for i in range(z.shape[0]):
+    jac = (np.diag(s[i]) - np.outer(s[i], s[i])) / tau  # symmetric
+    out[i] = jac @ v[i]
+  return out
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_gumbel_gradient_is_the_tempered_softmax_jacobian(tau):
+  key = jax.random.key(2)
+  v = np.asarray(jax.random.normal(jax.random.key(3), LOGITS.shape), np.float64)
+  _, vjp = jax.vjp(lambda l: dfq.gumbel_softmax_st(key, l, tau), LOGITS)
+  (got,) = vjp(jnp.asarray(v, jnp.float32))
+  noise = np.asarray(jax.random.gumbel(key, LOGITS.shape, jnp.float32), np.float64)
+  want = softmax_jacobian_vjp(np.asarray(LOGITS, np.float64) + noise, v, tau)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gumbel_accepts_traced_tau():
+  key = jax.random.key(4)
+  f = jax.jit(lambda l, t: jnp.sum(dfq.gumbel_softmax_st(key, l, t)[:, 0]))
+  g_fixed = jax.grad(lambda l: jnp.sum(dfq.gumbel_softmax_st(key, l, 0.8)[:, 0]))(LOGITS)
+  np.testing.assert_allclose(jax.grad(f)(LOGITS, jnp.float32(0.8)), g_fixed, rtol=1e-6)
+
+
+def test_hard_argmax_forward_and_gradient():
+  mask = jax.jit(dfq.hard_argmax_st)(LOGITS)
+  want = np.eye(4, dtype=np.float32)[np.argmax(np.asarray(LOGITS), axis=-1)]
+  np.testing.assert_array_equal(np.asarray(mask), want)
+  v = np.asarray(jax.random.normal(jax.random.key(5), LOGITS.shape), np.float64)
+  _, vjp = jax.vjp(dfq.hard_argmax_st, LOGITS)
+  (got,) = vjp(jnp.asarray(v, jnp.float32))
+  np.testing.assert_allclose(
+      got, softmax_jacobian_vjp(np.asarray(LOGITS, np.float64), v, 1.0),
+      rtol=1e-4, atol=1e-6)
