@@ -107,8 +107,10 @@ class QConv(nnx.Module):
     xs = jax.lax.stop_gradient(x)
     lo, hi = jnp.min(xs), jnp.max(xs)
     m = self.act_momentum
-    self.act_lo[...] = m * self.act_lo[...] + (1 - m) * lo
-    self.act_range[...] = m * self.act_range[...] + (1 - m) * (hi - lo)
+    # set_value, not `[...] =`: flax 0.12 builds a costly error message on every
+    # traced item assignment (tracing grew with the square of the model size).
+    self.act_lo.set_value(m * self.act_lo[...] + (1 - m) * lo)
+    self.act_range.set_value(m * self.act_range[...] + (1 - m) * (hi - lo))
     return lo, hi
 
   def _quantize_input(self, x: jax.Array, bits: StaticBits | GatedBits) -> jax.Array:

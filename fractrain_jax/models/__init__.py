@@ -1,0 +1,81 @@
+"""Model registry: ``create(name, *, num_classes, rngs, **options)``.
+
+Backbones (``available()``): CIFAR ResNet-20/38/74/110/152 and MobileNetV2
+(32x32 inputs), ImageNet ResNet-18/34/50 (224x224), and a tiny CIFAR ResNet-8
+for smoke runs. Each is also available as
+``gated_<name>``, the DFQ model of SPEC section 4 (``names()`` lists all).
+
+Plain models: ``model(x, bits=None, *, key=None) -> logits``.
+Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
+-> (logits, masks)``, options ``fw_candidates``, ``bw_candidates``,
+``weight_bits``, ``gate``. Both take ``act_momentum``.
+Every model has ``image_size``, ``num_blocks`` and ``layer_macs()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from flax import nnx
+
+from fractrain_jax.layers import QConv
+from fractrain_jax.models.backbone import Backbone, Plan
+from fractrain_jax.models.gated import GatedModel
+from fractrain_jax.models.mobilenet_v2 import mobilenet_v2
+from fractrain_jax.models.resnet_cifar import cifar_resnet
+from fractrain_jax.models.resnet_imagenet import imagenet_resnet
+
+GATED_PREFIX = "gated_"
+
+_BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "resnet8": functools.partial(cifar_resnet, 8),  # Not in the paper: for smoke runs and tests.
+    "resnet20": functools.partial(cifar_resnet, 20),
+    "resnet38": functools.partial(cifar_resnet, 38),
+    "resnet74": functools.partial(cifar_resnet, 74),
+    "resnet110": functools.partial(cifar_resnet, 110),
+    "resnet152": functools.partial(cifar_resnet, 152),
+    "mobilenet_v2": mobilenet_v2,
+    "resnet18": functools.partial(imagenet_resnet, 18),
+    "resnet34": functools.partial(imagenet_resnet, 34),
+    "resnet50": functools.partial(imagenet_resnet, 50),
+}
+
+
+def available() -> tuple[str, ...]:
+  """The backbone names; each is also accepted as ``gated_<name>``."""
+  return tuple(_BACKBONES)
+
+
+def names() -> tuple[str, ...]:
+  """Every name ``create`` accepts: the backbones, then their gated versions."""
+  return available() + tuple(GATED_PREFIX + n for n in _BACKBONES)
+
+
+def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float | None = None,
+           **options: Any) -> Backbone | GatedModel:
+  """The model called ``name``.
+
+  act_momentum: momentum of every QConv's running input range (SPEC section 1;
+    ``None`` keeps QConv's 0.9).
+  options: the gated model's ``fw_candidates``, ``bw_candidates``,
+    ``weight_bits`` and ``gate`` (plain models take none).
+  """
+  gated = name.startswith(GATED_PREFIX)
+  base = name[len(GATED_PREFIX):] if gated else name
+  if base not in _BACKBONES:
+    raise ValueError(f"unknown model {name!r}; accepted names: {', '.join(names())}")
+  if not gated and options:
+    raise ValueError(f"{name} takes no options, got {sorted(options)}; the options "
+                     f"are for gated models such as {GATED_PREFIX}{name}")
+  backbone = _BACKBONES[base](num_classes=num_classes, rngs=rngs)
+  if act_momentum is not None:
+    if not 0.0 <= act_momentum < 1.0:
+      raise ValueError(f"act_momentum={act_momentum!r}; expected a value in [0, 1)")
+    backbone.set_attributes(QConv, act_momentum=float(act_momentum))
+  if not gated:
+    return backbone
+  return GatedModel(backbone, rngs=rngs, **options)
+
+
+__all__ = ["Backbone", "GatedModel", "Plan", "available", "create", "names"]

@@ -1,0 +1,114 @@
+"""DFQ's precision gate (SPEC section 4): per-decision heads, one shared LSTM cell, K logits.
+
+Decision l reads the features entering block l (the stem's output for l = 0):
+global average pool, 1x1 conv (with bias) to 32, ReLU, 1x1 conv (with bias)
+to the 16-wide embedding. On a pooled 1x1 map a 1x1 conv is a dense layer, so
+the heads are written as ``nnx.Linear`` (same parameters, same init rule).
+The embedding steps one LSTM cell shared by all decisions, whose state starts
+at zero in every forward pass; a dense layer maps its hidden state to the K
+candidates' logits.
+
+The mask of a decision is exactly one-hot in the forward pass:
+- training, ``sampler="gumbel"``: straight-through Gumbel-softmax;
+- training, ``sampler="hard"``: the authors' one-hot of ``argmax softmax(logits)``
+  with a straight-through gradient through the softmax;
+- evaluation (``deterministic``, set by ``model.eval()``): the plain argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fractrain_jax.layers import conv_init, dense_init
+from fractrain_jax.models.parts import global_avg_pool
+
+HEAD_WIDTH = 32
+EMBED = 16
+HIDDEN = 16
+SAMPLERS = ("gumbel", "hard")
+
+LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carries it.
+
+
+def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+  """``hard`` in the forward pass (exactly: soft - soft is 0), the gradient of ``soft``."""
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def one_hot_argmax(logits: jax.Array) -> jax.Array:
+  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+
+
+def gumbel_softmax_st(key: jax.Array, logits: jax.Array, tau) -> jax.Array:
+  """one_hot(argmax(logits + G)) forward, gradient of softmax((logits + G) / tau)."""
+  noisy = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+  return straight_through(one_hot_argmax(noisy), jax.nn.softmax(noisy / tau, axis=-1))
+
+
+def hard_argmax_st(logits: jax.Array) -> jax.Array:
+  """The authors' gate: one_hot(argmax p) forward, gradient of p = softmax(logits)."""
+  return straight_through(one_hot_argmax(logits), jax.nn.softmax(logits, axis=-1))
+
+
+class GateHead(nnx.Module):
+  """Pooled features -> 1x1 conv to 32 -> ReLU -> 1x1 conv to the 16-wide embedding."""
+
+  def __init__(self, in_features: int, *, rngs: nnx.Rngs):
+    zeros = nnx.initializers.zeros_init()
+    self.hidden = nnx.Linear(in_features, HEAD_WIDTH, kernel_init=conv_init(1, HEAD_WIDTH),
+                             bias_init=zeros, rngs=rngs)
+    self.embed = nnx.Linear(HEAD_WIDTH, EMBED, kernel_init=conv_init(1, EMBED),
+                            bias_init=zeros, rngs=rngs)
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    return self.embed(jax.nn.relu(self.hidden(global_avg_pool(features))))
+
+
+class Gate(nnx.Module):
+  """One head per decision, the shared LSTM cell and the projection to K logits.
+
+  in_features: channels of the features each decision reads, in order.
+  """
+
+  def __init__(self, in_features: Sequence[int], num_candidates: int, *,
+               sampler: str = "gumbel", rngs: nnx.Rngs):
+    if sampler not in SAMPLERS:
+      raise ValueError(f"gate={sampler!r}; expected one of {SAMPLERS}")
+    self.heads = nnx.List([GateHead(c, rngs=rngs) for c in in_features])
+    self.lstm = nnx.LSTMCell(EMBED, HIDDEN, rngs=rngs)
+    self.project = nnx.Linear(HIDDEN, num_candidates,
+                              kernel_init=dense_init(HIDDEN, num_candidates),
+                              bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.sampler = sampler
+    self.num_candidates = num_candidates
+    # Flipped by model.eval() / model.train(): evaluation takes the plain argmax.
+    self.deterministic = False
+
+  def initial_state(self, batch: int) -> LSTMState:
+    zeros = jnp.zeros((batch, HIDDEN), jnp.float32)
+    return zeros, zeros
+
+  def logits(self, index: int, features: jax.Array, state: LSTMState
+             ) -> tuple[jax.Array, LSTMState]:
+    state, hidden = self.lstm(state, self.heads[index](features))
+    return self.project(hidden), state
+
+  def __call__(self, index: int, features: jax.Array, state: LSTMState, *,
+               key: jax.Array | None = None, tau=1.0) -> tuple[jax.Array, LSTMState]:
+    """Decision ``index`` from ``features`` (NHWC): a (batch, K) one-hot mask and the new state.
+
+    key: Gumbel noise (training with the "gumbel" sampler only). tau: the
+    softmax temperature; may be traced, so annealing it does not recompile.
+    """
+    logits, state = self.logits(index, features, state)
+    if self.deterministic:
+      return one_hot_argmax(logits), state
+    if self.sampler == "hard":
+      return hard_argmax_st(logits), state
+    if key is None:
+      raise ValueError("the Gumbel gate needs a PRNG key in training mode")
+    return gumbel_softmax_st(key, logits, tau), state

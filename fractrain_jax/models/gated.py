@@ -1,0 +1,123 @@
+"""A DFQ model (SPEC section 4): a backbone whose blocks each pick a precision per sample.
+
+The gate decides block l's precision from the features entering block l (the
+stem's output for block 0), so only L decisions are made and L heads built;
+no head reads the last block's output. Block l's branch convs run at
+``GatedBits(mask[l], a=fw_candidates, g=bw_candidates, w=weight_bits)``: one
+pass whose inputs blend the K candidate quantizations by the mask (see
+``layers.QConv``). Stem, shortcuts, MobileNetV2's last 1x1 conv and the
+classifier are full precision; depthwise convs stay at (8, 16, 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fractrain_jax import cost, quant
+from fractrain_jax.layers import GatedBits
+from fractrain_jax.models.backbone import Backbone, Plan
+from fractrain_jax.models.gate import Gate
+from fractrain_jax.models.parts import layer_key
+
+# SPEC section 4 and the README examples, by input size: (b_a, b_g candidates, b_w).
+DEFAULT_CANDIDATES = {
+    32: ((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4),      # CIFAR
+    224: ((3, 4, 6, 8), (6, 8, 12, 16), 6),          # ImageNet
+}
+
+
+class GatedModel(nnx.Module):
+  """``model(x, *, key=None, tau=1.0, force=None) -> (logits, masks)``.
+
+  Candidates default by input size: CIFAR (3,4,4,6,6) / (6,6,8,8,12) with
+  4-bit weights, ImageNet (3,4,6,8) / (6,8,12,16) with 6-bit weights.
+  """
+
+  def __init__(self, backbone: Backbone, *, fw_candidates: Sequence[int] | None = None,
+               bw_candidates: Sequence[int] | None = None, weight_bits: int | None = None,
+               gate: str = "gumbel", rngs: nnx.Rngs):
+    """gate: "gumbel" (straight-through Gumbel-softmax) or "hard" (the authors' argmax)."""
+    default_a, default_g, default_w = DEFAULT_CANDIDATES[backbone.image_size]
+    a = tuple(default_a if fw_candidates is None else fw_candidates)
+    g = tuple(default_g if bw_candidates is None else bw_candidates)
+    w = default_w if weight_bits is None else weight_bits
+    if len(a) != len(g) or not a:
+      raise ValueError(f"fw_candidates={a} and bw_candidates={g} must be non-empty and of "
+                       "equal length (one (b_a, b_g) pair per candidate)")
+    for what, widths in (("fw_candidates", a), ("bw_candidates", g), ("weight_bits", (w,))):
+      for b in widths:
+        if not quant.is_static(b):
+          raise ValueError(f"{what}={widths}: bit widths must be Python ints")
+        quant.check_bits(b, what)
+    self.backbone = backbone
+    self.fw_candidates = tuple(int(b) for b in a)
+    self.bw_candidates = tuple(int(b) for b in g)
+    self.weight_bits = int(w)
+    blocks = backbone.blocks
+    # Decision l reads what enters block l: the stem for l = 0, block l-1 after that.
+    read = [backbone.stem.out_features] + [blocks[l].out_features
+                                           for l in range(len(blocks) - 1)]
+    self.gate = Gate(read, len(a), sampler=gate, rngs=rngs)
+
+  @property
+  def image_size(self) -> int:
+    return self.backbone.image_size
+
+  @property
+  def num_blocks(self) -> int:
+    return self.backbone.num_blocks
+
+  @property
+  def num_candidates(self) -> int:
+    return len(self.fw_candidates)
+
+  def layer_macs(self) -> list[cost.LayerMACs]:
+    return self.backbone.layer_macs(gated=True)
+
+  def block_bits(self, mask: jax.Array) -> GatedBits:
+    return GatedBits(mask, a=self.fw_candidates, g=self.bw_candidates, w=self.weight_bits)
+
+  def __call__(self, x: jax.Array, *, key: jax.Array | None = None, tau=1.0,
+               force: int | None = None, full_precision: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    """Logits and the masks ``(num_blocks, batch, K)``, one-hot in the forward pass.
+
+    key: split into (Gumbel noise, gradient rounding); the rounding key is used
+      exactly as ``Backbone.forward`` uses its key, so a plain backbone given
+      it rounds the same way.
+    tau: Gumbel-softmax temperature (traced: changing it does not recompile).
+    force: candidate index given to every block and sample (the gate is not run).
+    full_precision: every conv in FP32, depthwise too (SPEC section 5's
+      fine-tuning); the gate still runs and its masks are returned, unused.
+    """
+    k = self.num_candidates
+    if force is not None:
+      if not (quant.is_static(force) and 0 <= force < k):  # A Python int, not a bool.
+        raise ValueError(f"force={force!r}: expected a candidate index in 0..{k - 1}")
+      force = int(force)
+    noise_key, round_key = (None, None) if key is None else jax.random.split(key)
+    backbone = self.backbone
+    # Everything outside the branches as the plan has it; the branches are set below.
+    plan = (Plan.static(None, self.num_blocks) if full_precision
+            else Plan.blockwise([None] * self.num_blocks))
+    stem_key, block_keys, head_key = backbone.part_keys(round_key)
+    h = backbone.stem(x, plan.outer, key=stem_key)
+    batch = x.shape[0]
+    state = self.gate.initial_state(batch)
+    masks = []
+    for index, block in enumerate(backbone.blocks):
+      if force is None:
+        mask, state = self.gate(index, h, state, key=layer_key(noise_key, index), tau=tau)
+      else:
+        mask = jnp.broadcast_to(jax.nn.one_hot(force, k, dtype=jnp.float32), (batch, k))
+      masks.append(mask)
+      bits = plan.block_bits(index)
+      if not full_precision:
+        bits = dataclasses.replace(bits, branch=self.block_bits(mask))
+      h = block(h, bits, key=block_keys[index])
+    return backbone.head(h, plan.outer, key=head_key), jnp.stack(masks)

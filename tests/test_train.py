@@ -1,0 +1,227 @@
+"""End-to-end training runs: every method, resume, sharding, failures (tiny models, mock data)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import default
+from fractrain_jax import steps, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+               "stage", "fw_bits", "bw_bits", "target_cp", "cp", "cost", "cost_fw",
+               "cost_eb", "cost_gc", "wall_s"}
+SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "total_cost", "turning_points", "wall_s",
+                "cost_fp32", "cost_sbm8", "mean_cp"}
+
+
+def tiny_config(method_name: str, **overrides):
+  config = default.get_config()
+  config.method = method_name
+  config.model.name = "resnet8"
+  config.train.iters = 4
+  config.train.batch_size = 8
+  config.train.eval_every = 2
+  config.train.eval_batch_size = 8
+  config.train.log_every = 1
+  config.train.num_devices = 1
+  config.optim.boundaries = (3,)
+  config.dfq.fw_candidates = (3, 6)
+  config.dfq.bw_candidates = (6, 12)
+  config.dfq.target_cp = 4.0
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def run_mock(config, workdir, **kwargs):
+  with tfds.testing.mock_data(num_examples=16):
+    return train.train_and_evaluate(config, workdir, **kwargs)
+
+
+def read_metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(config, workdir):
+  """The parameters of the workdir's latest checkpoint, as NumPy."""
+  model = steps.create_model(config, 10, config.seed)
+  trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
+  state, meta = train._Run(config, pathlib.Path(workdir)).restore(trainer.abstract_state())
+  return jax.device_get(state.params), meta
+
+
+@pytest.mark.parametrize("method", ["fp32", "static", "pfq", "dfq", "frac"])
+def test_each_method_trains_end_to_end(method, tmp_path):
+  config = tiny_config(method)
+  summary = run_mock(config, tmp_path)
+  lines = read_metrics(tmp_path)
+  assert [l["step"] for l in lines] == [2, 4]
+  for line in lines:
+    assert METRIC_KEYS <= set(line)
+    assert math.isfinite(line["train_loss"]) and 0 <= line["test_acc"] <= 100
+  assert SUMMARY_KEYS <= set(summary)
+  assert json.loads((tmp_path / "summary.json").read_text()) == summary
+  # Whole-training cost against the per-step references of the same iterations.
+  if method == "fp32":
+    assert summary["total_cost"] == pytest.approx(summary["cost_fp32"], rel=1e-6)
+    assert lines[-1]["cp"] == pytest.approx(100.0)
+  elif method == "static":
+    assert summary["total_cost"] == pytest.approx(summary["cost_sbm8"], rel=1e-6)
+    # 1/16 of FP32 for the convs; the classifier stays full precision.
+    assert lines[-1]["cp"] == pytest.approx(100 * summary["cost_sbm8"] / summary["cost_fp32"],
+                                            rel=1e-5)
+    assert 100 / 16 < lines[-1]["cp"] < 100 / 15
+  elif method == "pfq":
+    assert (lines[0]["fw_bits"], lines[0]["bw_bits"]) == (3, 6)
+    assert summary["total_cost"] < summary["cost_sbm8"]
+  else:
+    assert lines[-1]["target_cp"] == pytest.approx(4.0 if method == "dfq" else 4.0)
+    ratios = np.asarray(lines[-1]["choice_ratio"])
+    assert ratios.shape[1] == 2
+    np.testing.assert_allclose(ratios.sum(axis=1), 1.0, rtol=1e-5)
+    # cp lies between the all-cheapest and all-dearest choices.
+    assert 0 < lines[-1]["cp"] < 100
+  assert (tmp_path / "checkpoints").is_dir()
+  assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = tiny_config("frac", **{"train.iters": 6})
+  straight = tmp_path / "straight"
+  split = tmp_path / "split"
+  run_mock(config, straight)
+  stopped = run_mock(config, split, stop_at=3)  # Mid-interval: the interval sums must persist.
+  assert stopped == {"stopped_at": 3}
+  assert not (split / "summary.json").exists()
+  run_mock(config, split)
+  p1, m1 = final_params(config, straight)
+  p2, m2 = final_params(config, split)
+  chex.assert_trees_all_close(p1, p2, rtol=1e-6, atol=1e-6)
+  a, b = read_metrics(straight), read_metrics(split)
+  assert [l["step"] for l in b] == [2, 4, 6]
+  for la, lb in zip(a, b):
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "cp", "cost", "lr"):
+      assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), k
+  assert m1["indicator"] == m2["indicator"]
+
+
+@pytest.mark.parametrize("method,rtol", [
+    ("fp32", 1e-5),
+    # Quantized runs: the quantizers are sharding-invariant (test_quant), but the
+    # devices sum BN statistics in another order, and a last-bit difference that
+    # lands on a rounding threshold moves a value by a whole quantization step.
+    ("dfq", 2e-2),
+])
+def test_two_devices_give_the_result_of_one(tmp_path, method, rtol):
+  assert jax.device_count() >= 2
+  one = tiny_config(method, **{"train.num_devices": 1})
+  two = tiny_config(method, **{"train.num_devices": 2})
+  run_mock(one, tmp_path / "one")
+  run_mock(two, tmp_path / "two")
+  p1, _ = final_params(one, tmp_path / "one")
+  p2, _ = final_params(two, tmp_path / "two")
+  if method == "fp32":
+    chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
+  for la, lb in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
+    assert la["train_loss"] == pytest.approx(lb["train_loss"], rel=rtol)
+    assert la["cp"] == pytest.approx(lb["cp"], rel=rtol)
+
+
+def test_pfq_compiles_once_per_stage(tmp_path, monkeypatch):
+  trainers = []
+  init = steps.Trainer.__init__
+
+  def recording_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    trainers.append(self)
+
+  monkeypatch.setattr(steps.Trainer, "__init__", recording_init)
+  # A two-epoch window and a huge threshold: a turning point every two epochs.
+  config = tiny_config("pfq", **{"train.iters": 8, "train.eval_every": 1, "pfq.window": 2,
+                                 "pfq.eps": 1e6})
+  summary = run_mock(config, tmp_path)
+  assert summary["turning_points"] == [2, 4, 6]
+  stages = [l["stage"] for l in read_metrics(tmp_path)]
+  assert stages == [0, 0, 1, 1, 2, 2, 3, 3]
+  (trainer,) = trainers
+  train_traces = {k: v for k, v in trainer.trace_counts.items() if k[0] == "train"}
+  assert train_traces == {("train", (3, 6)): 1, ("train", (4, 6)): 1, ("train", (6, 8)): 1,
+                          ("train", (8, 8)): 1}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+  config = tiny_config("fp32", **{"train.iters": 6, "optim.lr": 1e30,
+                                  "optim.boundaries": (100,)})
+  with pytest.raises(FloatingPointError, match="training loss became nan"):
+    run_mock(config, tmp_path)
+  steps_saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                       if p.name.isdigit())
+  assert all(s < 6 for s in steps_saved)
+
+
+def test_missing_dataset_fails_fast(tmp_path):
+  config = tiny_config("fp32", **{"data.data_dir": str(tmp_path / "empty")})
+  t0 = time.monotonic()
+  with pytest.raises(FileNotFoundError, match="folder:"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("key,value", [("method", "int4"), ("model.name", "resnet9"),
+                                       ("quant.fw_bits", 33), ("train.iters", 0)])
+def test_bad_config_is_refused_with_the_value(tmp_path, key, value):
+  config = tiny_config("static", **{key: value})
+  with pytest.raises(ValueError, match=str(value)):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match=str(blocker)):
+    train.train_and_evaluate(tiny_config("fp32"), blocker / "run")
+
+
+def _image_folder(root: pathlib.Path, per_class: int = 6) -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      d = root / split / cls
+      d.mkdir(parents=True)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(d / f"{i}.png")
+  return root
+
+
+def test_main_trains_on_an_image_folder_and_evaluates_its_checkpoint(tmp_path):
+  folder = _image_folder(tmp_path / "images")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  common = [sys.executable, "main.py", "--config", "configs/sbm_cifar10.py",
+            f"--config.data.dataset=folder:{folder}", "--config.model.name=resnet8",
+            "--config.train.iters=2", "--config.train.batch_size=4",
+            "--config.train.eval_every=2", "--config.train.eval_batch_size=4",
+            f"--workdir={tmp_path / 'run'}"]
+  done = subprocess.run(common, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["dataset"] == f"folder:{folder}" and summary["iters"] == 2
+  ev = subprocess.run(common + ["--eval_only"], cwd=REPO, env=env, capture_output=True,
+                      text=True, timeout=600)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert f"'test_acc': {summary['final_test_acc']}" in ev.stdout
