@@ -51,38 +51,7 @@ def param_grads(model, fn, *args):
   return jax.grad(loss)(params)
 
 
-# ------------------------------------------------------------------ sampling functions
-
-
-@pytest.mark.parametrize("tau", [0.3, 1.0, 5.0])
-def test_gumbel_softmax_st_forward_and_gradient(tau):
-  key = jax.random.key(0)
-  logits = jax.random.normal(jax.random.key(1), (6, 5))
-  noise = jax.random.gumbel(key, logits.shape)
-  mask, vjp = jax.vjp(lambda l: gate_lib.gumbel_softmax_st(key, l, tau), logits)
-  want = np.eye(5)[np.argmax(np.asarray(logits + noise), -1)]
-  np.testing.assert_array_equal(mask, want)  # Exactly one-hot, not just close.
-  ct = jax.random.normal(jax.random.key(2), (6, 5))
-  _, soft_vjp = jax.vjp(lambda l: jax.nn.softmax((l + noise) / tau, -1), logits)
-  np.testing.assert_allclose(vjp(ct)[0], soft_vjp(ct)[0], rtol=1e-6, atol=1e-7)
-
-
-def test_hard_argmax_st_forward_and_gradient():
-  logits = jax.random.normal(jax.random.key(1), (6, 5))
-  mask, vjp = jax.vjp(gate_lib.hard_argmax_st, logits)
-  np.testing.assert_array_equal(mask, np.eye(5)[np.argmax(np.asarray(logits), -1)])
-  ct = jax.random.normal(jax.random.key(2), (6, 5))
-  _, soft_vjp = jax.vjp(lambda l: jax.nn.softmax(l, -1), logits)
-  np.testing.assert_allclose(vjp(ct)[0], soft_vjp(ct)[0], rtol=1e-6, atol=1e-7)
-
-
-def test_gumbel_samples_follow_the_softmax():
-  n = 40_000
-  logits = jnp.array([1.0, 0.0, -1.0, 2.0, 0.5])
-  masks = gate_lib.gumbel_softmax_st(jax.random.key(3), jnp.broadcast_to(logits, (n, 5)), 1.0)
-  p = np.asarray(jax.nn.softmax(logits))
-  freq = np.asarray(masks).mean(0)
-  np.testing.assert_array_less(np.abs(freq - p), 6 * np.sqrt(p * (1 - p) / n))
+# Sampling functions (Gumbel and hard straight-through) are tested in test_dfq.py.
 
 
 # ------------------------------------------------------------------ the gate's LSTM

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fractrain_jax import dfq
 from fractrain_jax.layers import conv_init, dense_init
 from fractrain_jax.models.parts import global_avg_pool
 
@@ -34,24 +35,8 @@ SAMPLERS = ("gumbel", "hard")
 LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carries it.
 
 
-def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
-  """``hard`` in the forward pass (exactly: soft - soft is 0), the gradient of ``soft``."""
-  return hard + (soft - jax.lax.stop_gradient(soft))
-
-
 def one_hot_argmax(logits: jax.Array) -> jax.Array:
   return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
-
-
-def gumbel_softmax_st(key: jax.Array, logits: jax.Array, tau) -> jax.Array:
-  """one_hot(argmax(logits + G)) forward, gradient of softmax((logits + G) / tau)."""
-  noisy = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
-  return straight_through(one_hot_argmax(noisy), jax.nn.softmax(noisy / tau, axis=-1))
-
-
-def hard_argmax_st(logits: jax.Array) -> jax.Array:
-  """The authors' gate: one_hot(argmax p) forward, gradient of p = softmax(logits)."""
-  return straight_through(one_hot_argmax(logits), jax.nn.softmax(logits, axis=-1))
 
 
 class GateHead(nnx.Module):
@@ -108,7 +93,7 @@ class Gate(nnx.Module):
     if self.deterministic:
       return one_hot_argmax(logits), state
     if self.sampler == "hard":
-      return hard_argmax_st(logits), state
+      return dfq.hard_argmax_st(logits), state
     if key is None:
       raise ValueError("the Gumbel gate needs a PRNG key in training mode")
-    return gumbel_softmax_st(key, logits, tau), state
+    return dfq.gumbel_softmax_st(key, logits, tau), state
