@@ -120,13 +120,7 @@ class QConv(nnx.Module):
       lo, hi = self._input_range(x)
       return quant.fake_quant(x, bits.a, lo=lo, hi=hi)
     lo, hi = self._input_range(x)
-    # Candidates often repeat a width, e.g. (3, 4, 4, 6, 6): quantize once per width.
-    mixed = None
-    for a in sorted(set(bits.a)):
-      weight = sum(bits.mask[:, k] for k, ak in enumerate(bits.a) if ak == a)
-      term = weight[:, None, None, None] * quant.fake_quant(x, a, lo=lo, hi=hi)
-      mixed = term if mixed is None else mixed + term
-    return mixed
+    return quant.fake_quant_blend(x, bits.mask, bits.a, lo=lo, hi=hi)
 
   def __call__(self, x: jax.Array, bits: Precision = None, *,
                key: jax.Array | None = None) -> jax.Array:

@@ -135,6 +135,58 @@ def fake_quant(x: jax.Array, bits: Bits, *, lo=None, hi=None) -> jax.Array:
   return straight_through(x, quantize(xs, bits, lo=lo, hi=hi))
 
 
+def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, lo,
+                     hi) -> jax.Array:
+  """``sum_k mask[:, k] * Q_{widths[k]}(x)``: DFQ's per-sample choice of input width.
+
+  All candidates share the range ``[lo, hi]``. Backward: straight-through in
+  ``x`` (``dx = g * sum_k mask[:, k]``) and ``d mask[n, k] = <g[n], Q_k(x[n])>``,
+  the gate's learning signal. The candidate quantizations are recomputed in the
+  backward pass rather than stored: K activation-sized tensors per conv would
+  otherwise be written and read back.
+  """
+  widths = tuple(int(w) for w in widths)
+  for w in widths:
+    check_bits(w, "candidate bits")
+  if mask.shape != (x.shape[0], len(widths)):
+    raise ValueError(f"mask has shape {mask.shape}; expected (batch, K) = "
+                     f"{(x.shape[0], len(widths))}")
+  lo = jax.lax.stop_gradient(jnp.asarray(lo, jnp.float32))
+  hi = jax.lax.stop_gradient(jnp.asarray(hi, jnp.float32))
+  return _blend(x, mask, lo, hi, widths)
+
+
+def _blend_terms(x, lo, hi, widths):
+  """Q_w(x) once per distinct width: candidates often repeat one, e.g. (3, 4, 4, 6, 6)."""
+  return {w: quantize(x, w, lo=lo, hi=hi) for w in sorted(set(widths))}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blend(x, mask, lo, hi, widths):
+  out = None
+  for w, q in _blend_terms(x, lo, hi, widths).items():
+    weight = sum(mask[:, k] for k, wk in enumerate(widths) if wk == w)
+    term = _per_sample(weight.astype(x.dtype), x.ndim) * q
+    out = term if out is None else out + term
+  return out
+
+
+def _blend_fwd(x, mask, lo, hi, widths):
+  return _blend(x, mask, lo, hi, widths), (x, mask, lo, hi)
+
+
+def _blend_bwd(widths, res, g):
+  x, mask, lo, hi = res
+  dx = g * _per_sample(jnp.sum(mask, axis=-1).astype(g.dtype), g.ndim)
+  axes = tuple(range(1, x.ndim))
+  dots = {w: jnp.sum(g * q, axis=axes) for w, q in _blend_terms(x, lo, hi, widths).items()}
+  dmask = jnp.stack([dots[w] for w in widths], axis=-1).astype(mask.dtype)
+  return dx, dmask, jnp.zeros_like(lo), jnp.zeros_like(hi)
+
+
+_blend.defvjp(_blend_fwd, _blend_bwd)
+
+
 def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
   """Per-output-channel (last axis) fake quantization, straight-through."""
   check_bits(bits)

@@ -173,3 +173,27 @@ def test_bad_bits_are_refused_with_the_value(bad):
 def test_float_bit_array_is_refused():
   with pytest.raises(ValueError, match="integer"):
     quant.quantize(jnp.ones((2, 3)), jnp.array([2.0, 3.0]), lo=0.0, hi=1.0)
+
+
+def test_blend_forward_and_gradients_against_direct_sums():
+  widths = (3, 4, 4, 8)
+  x = jax.random.normal(jax.random.key(9), (3, 4, 4, 2))
+  # Soft weights (not one-hot): the blend is defined for any mask.
+  mask = jax.nn.softmax(jax.random.normal(jax.random.key(10), (3, 4)), axis=-1)
+  lo, hi = -2.0, 2.5
+  g = jax.random.normal(jax.random.key(11), x.shape)
+  out, vjp = jax.vjp(lambda x, m: quant.fake_quant_blend(x, m, widths, lo=lo, hi=hi), x, mask)
+  qs = [np.asarray(quant.quantize(x, w, lo=lo, hi=hi), np.float64) for w in widths]
+  m = np.asarray(mask, np.float64)
+  want = sum(m[:, k, None, None, None] * qs[k] for k in range(4))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  dx, dmask = vjp(g)
+  gn = np.asarray(g, np.float64)
+  np.testing.assert_allclose(dx, gn * m.sum(-1)[:, None, None, None], rtol=1e-6)
+  want_dmask = np.stack([(gn * q).sum(axis=(1, 2, 3)) for q in qs], axis=-1)
+  np.testing.assert_allclose(dmask, want_dmask, rtol=1e-5, atol=1e-5)
+
+
+def test_blend_refuses_a_mask_of_the_wrong_shape():
+  with pytest.raises(ValueError, match=r"\(batch, K\)"):
+    quant.fake_quant_blend(jnp.ones((2, 3)), jnp.ones((2, 4)), (3, 4), lo=0.0, hi=1.0)
