@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_subset = 0
   # Use only the first N test examples; 0 = all.
   config.data.test_subset = 0
+  # Side of the random-resized train crops and eval center crops of the streamed
+  # ImageNet pipeline; in-memory (CIFAR-sized) data keeps its stored size.
+  config.data.image_size = 224
   # Let TFDS download and prepare the dataset; False fails fast when it is
   # not prepared under data_dir.
   config.data.download = False

@@ -124,8 +124,13 @@ def _check_data(config) -> None:
   data_dir = _get(config, "data.data_dir")
   if data_dir is not None and not isinstance(data_dir, str):
     raise ValueError(f"config.data.data_dir={data_dir!r}; expected a str or None")
-  _int_at_least(config, "data.train_subset", 0)
-  _int_at_least(config, "data.test_subset", 0)
+  train_subset = _int_at_least(config, "data.train_subset", 0)
+  test_subset = _int_at_least(config, "data.test_subset", 0)
+  if dataset == "imagenet2012" and (train_subset or test_subset):
+    raise ValueError(
+        f"config.data.train_subset={train_subset}, config.data.test_subset={test_subset}: "
+        "subsets are for in-memory datasets; imagenet2012 streams, expected 0")
+  _int_at_least(config, "data.image_size", 1)
   download = _get(config, "data.download")
   if not isinstance(download, bool):
     raise ValueError(f"config.data.download={download!r}; expected True or False")

@@ -260,7 +260,7 @@ def _setup(config):
                        f"{n_dev} devices")
   if data.is_streamed(config.data.dataset):
     source = data.StreamData(config.data.dataset, data_dir=config.data.data_dir,
-                             download=config.data.download)
+                             download=config.data.download, image_size=config.data.image_size)
   else:
     source = data.load_arrays(config.data.dataset, data_dir=config.data.data_dir,
                               download=config.data.download,

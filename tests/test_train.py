@@ -225,3 +225,15 @@ def test_main_trains_on_an_image_folder_and_evaluates_its_checkpoint(tmp_path):
                       text=True, timeout=600)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert f"'test_acc': {summary['final_test_acc']}" in ev.stdout
+
+
+def test_streamed_imagenet_path_trains_and_evaluates(tmp_path):
+  # The tf.data pipeline and device prefetch of imagenet2012, at 32x32 crops.
+  config = tiny_config("static", **{"data.dataset": "imagenet2012", "model.name": "resnet18",
+                                    "data.image_size": 32, "train.iters": 2,
+                                    "train.batch_size": 4, "train.eval_batch_size": 4})
+  with tfds.testing.mock_data(num_examples=8):
+    summary = train.train_and_evaluate(config, tmp_path)
+  (line,) = read_metrics(tmp_path)
+  assert line["step"] == 2 and math.isfinite(line["train_loss"])
+  assert summary["dataset"] == "imagenet2012" and 0 <= summary["final_test_acc"] <= 100
