@@ -123,37 +123,42 @@ class Trainer:
 
   def _loss(self, params, rest, x, y, key, bits, target_cp, tau, graphdef):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    metrics = {}
     if self.gated and bits != "fp":
-      logits, masks = model(x, key=key, tau=tau)
-      d = self.config.dfq
-      per_sample = cost.gated_cost(self.layers, masks, d.fw_candidates, d.bw_candidates,
-                                   d.weight_bits)
-      step_cost = cost.Cost(*(c.mean() for c in per_sample))
-      if self.cp_layers is self.layers:
-        cp_cost = step_cost
-      else:
-        weighted = cost.gated_cost(self.cp_layers, masks, d.fw_candidates, d.bw_candidates,
-                                   d.weight_bits)
-        cp_cost = cost.Cost(*(c.mean() for c in weighted))
-      cp = cost.cp(cp_cost, self.cp_layers)
-      rule = "dfq" if self.method == "dfq" else "frac"
-      cost_term = dfq.cost_loss(cp_cost.total, cp, target_cp, mean_layer_macs=self.mean_layer_macs,
-                                beta=d.beta, rule=rule, relax=d.relax, range_=d.range)
-      metrics["choice"] = masks.mean(axis=1)  # (blocks, K): share of each candidate.
+      logits, step_cost, cp, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
     else:
-      if self.gated:  # Full-precision fine-tuning of a gated model.
-        logits, _ = model(x, key=key, tau=tau, full_precision=True)
-      else:
-        logits = model(x, None if bits == "fp" else bits, key=key)
-      step_cost = cost.static_cost(self.layers, None if bits == "fp" else bits)
-      cp = jnp.float32(cost.cp(step_cost, self.layers))
-      step_cost = cost.Cost(*(jnp.float32(c) for c in step_cost))
-      cost_term = jnp.float32(0.0)
+      logits, step_cost, cp, cost_term, metrics = self._plain_forward(model, x, key, bits, tau)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     metrics.update(ce=ce, correct=jnp.sum(jnp.argmax(logits, -1) == y), cp=cp,
                    cost_fw=step_cost.fw, cost_eb=step_cost.eb, cost_gc=step_cost.gc)
     return ce + cost_term, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+  def _gated_forward(self, model, x, key, target_cp, tau):
+    """DFQ: the gate picks each block's precision; the cost loss steers cp to the target."""
+    d = self.config.dfq
+    logits, masks = model(x, key=key, tau=tau)
+
+    def mean_cost(layers) -> cost.Cost:
+      per_sample = cost.gated_cost(layers, masks, d.fw_candidates, d.bw_candidates, d.weight_bits)
+      return cost.Cost(*(c.mean() for c in per_sample))
+
+    step_cost = mean_cost(self.layers)
+    cp_cost = step_cost if self.cp_layers is self.layers else mean_cost(self.cp_layers)
+    cp = cost.cp(cp_cost, self.cp_layers)
+    cost_term = dfq.cost_loss(cp_cost.total, cp, target_cp, mean_layer_macs=self.mean_layer_macs,
+                              beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
+                              relax=d.relax, range_=d.range)
+    return logits, step_cost, cp, cost_term, {"choice": masks.mean(axis=1)}  # (blocks, K)
+
+  def _plain_forward(self, model, x, key, bits, tau):
+    """One precision for the whole step: fp32, static, a PFQ stage, or fine-tuning."""
+    static = None if bits == "fp" else bits
+    if self.gated:  # Full-precision fine-tuning of a gated model.
+      logits, _ = model(x, key=key, tau=tau, full_precision=True)
+    else:
+      logits = model(x, static, key=key)
+    step_cost = cost.static_cost(self.layers, static)
+    cp = jnp.float32(cost.cp(step_cost, self.layers))
+    return logits, cost.Cost(*(jnp.float32(c) for c in step_cost)), cp, jnp.float32(0.0), {}
 
   # ---- train step ----
 

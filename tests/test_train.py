@@ -237,3 +237,14 @@ def test_streamed_imagenet_path_trains_and_evaluates(tmp_path):
   (line,) = read_metrics(tmp_path)
   assert line["step"] == 2 and math.isfinite(line["train_loss"])
   assert summary["dataset"] == "imagenet2012" and 0 <= summary["final_test_acc"] <= 100
+
+
+@pytest.mark.parametrize("method", ["pfq", "frac"])
+def test_full_precision_finetuning_follows_the_last_iteration(tmp_path, method):
+  config = tiny_config(method, **{"train.iters": 2, "train.finetune_iters": 2})
+  summary = run_mock(config, tmp_path)
+  first, last = read_metrics(tmp_path)
+  assert (first["phase"], last["phase"]) == ("train", "finetune")
+  assert first["cp"] < 100 and last["cp"] == pytest.approx(100.0)
+  # The fine-tuning interval costs what two FP32 steps cost.
+  assert last["cost"] - first["cost"] == pytest.approx(summary["cost_fp32"] / 2, rel=1e-6)
