@@ -6,12 +6,12 @@ The workdir defaults to runs/<config file name>; running again in the same
 workdir resumes from its latest checkpoint.
 """
 
+import logging as pylogging
 import os
 import pathlib
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fractrain_jax import benchmark
@@ -35,11 +35,16 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from fractrain_jax import train  # pylint: disable=import-outside-toplevel
 
+  # Orbax logs every checkpoint step through absl at INFO: keep the console to
+  # the progress bar and this project's own messages.
+  pylogging.getLogger("absl").setLevel(pylogging.WARNING)
+  log = pylogging.getLogger("fractrain_jax")
+  log.setLevel(pylogging.INFO)
   if FLAGS.distributed:
     jax.distributed.initialize()
   config_path = flags.FLAGS["config"].config_filename
   workdir = FLAGS.workdir or str(pathlib.Path("runs") / pathlib.Path(config_path).stem)
-  logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
+  log.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
   if FLAGS.eval_only:
     result = train.evaluate_checkpoint(FLAGS.config, workdir)
   else:

@@ -9,22 +9,12 @@ the README's ResNet-74 example: ``--config.model.name=resnet74``.
 
 import ml_collections
 
-from configs import default
+from configs import dfq_cifar10
 
 
 def get_config() -> ml_collections.ConfigDict:
   """DFQ gated ResNet-38 on CIFAR-100, target cp 3%."""
-  config = default.get_config()
+  config = dfq_cifar10.get_config()
   # 100 classes; same images, same recipe as CIFAR-10.
   config.data.dataset = "cifar100"
-  # Input-adaptive precision chosen by the LSTM gate.
-  config.method = "dfq"
-  # Weight bits of the gated convs (README: --weight_bits 4).
-  config.dfq.weight_bits = 4
-  # Forward bits of the 5 CIFAR candidates.
-  config.dfq.fw_candidates = (3, 4, 4, 6, 6)
-  # Backward bits of the 5 CIFAR candidates.
-  config.dfq.bw_candidates = (6, 6, 8, 8, 12)
-  # Target cp in % of the FP32 step cost (README: --target_ratio 3).
-  config.dfq.target_cp = 3.0
   return config

@@ -9,30 +9,12 @@ the README's ResNet-74 example: ``--config.model.name=resnet74``.
 
 import ml_collections
 
-from configs import default
+from configs import frac_cifar10
 
 
 def get_config() -> ml_collections.ConfigDict:
   """FracTrain gated ResNet-38 on CIFAR-100."""
-  config = default.get_config()
+  config = frac_cifar10.get_config()
   # 100 classes; same images, same recipe as CIFAR-10.
   config.data.dataset = "cifar100"
-  # DFQ gate with a target raised at PFQ's turning points.
-  config.method = "frac"
-  # Weight bits of the gated convs (README: --weight_bits 4).
-  config.dfq.weight_bits = 4
-  # Forward bits of the 5 CIFAR candidates.
-  config.dfq.fw_candidates = (3, 4, 4, 6, 6)
-  # Backward bits of the 5 CIFAR candidates.
-  config.dfq.bw_candidates = (6, 6, 8, 8, 12)
-  # First target cp in % (README: --target_ratio 1.5).
-  config.dfq.target_cp = 1.5
-  # Raise per turning point (README: --target_ratio_step 0.5).
-  config.dfq.target_step = 0.5
-  # Indicator threshold epsilon (README: --initial_threshold 0.05).
-  config.pfq.eps = 0.05
-  # Threshold decay alpha (README: --decay 0.3).
-  config.pfq.alpha = 0.3
-  # Three raises: targets 1.5, 2.0, 2.5, 3.0.
-  config.pfq.num_turning_points = 3
   return config

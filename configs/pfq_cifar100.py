@@ -10,24 +10,12 @@ the README's ResNet-74 example:
 
 import ml_collections
 
-from configs import default
+from configs import pfq_cifar10
 
 
 def get_config() -> ml_collections.ConfigDict:
   """PFQ ResNet-38 on CIFAR-100 with the README's 4-stage schedule."""
-  config = default.get_config()
+  config = pfq_cifar10.get_config()
   # 100 classes; same images, same recipe as CIFAR-10.
   config.data.dataset = "cifar100"
-  # Progressive precision driven by the loss-plateau indicator.
-  config.method = "pfq"
-  # Forward (activation and weight) bits of the 4 stages.
-  config.pfq.fw_schedule = (3, 4, 6, 8)
-  # Backward (gradient) bits of the 4 stages.
-  config.pfq.bw_schedule = (6, 6, 8, 8)
-  # Initial threshold epsilon (README: --initial_threshold 0.05).
-  config.pfq.eps = 0.05
-  # Threshold decay alpha (README: --decay 0.3).
-  config.pfq.alpha = 0.3
-  # Stages - 1.
-  config.pfq.num_turning_points = 3
   return config

@@ -6,18 +6,12 @@ the paper's ResNet-74 row: ``--config.model.name=resnet74``.
 
 import ml_collections
 
-from configs import default
+from configs import sbm_cifar10
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Static 8/8-bit ResNet-38 on CIFAR-100 (SPEC section 7 baseline)."""
-  config = default.get_config()
+  config = sbm_cifar10.get_config()
   # 100 classes; same images, same recipe as CIFAR-10.
   config.data.dataset = "cifar100"
-  # One precision for the whole run, compiled once.
-  config.method = "static"
-  # SBM: 8-bit activations and weights in the forward pass.
-  config.quant.fw_bits = 8
-  # SBM: 8-bit gradients in the backward pass.
-  config.quant.bw_bits = 8
   return config
