@@ -232,26 +232,30 @@ class Trainer:
           in_shardings=(r, b, b, b), out_shardings=r)
     return self._eval_steps[cache_key]
 
-  def evaluate(self, state, images: np.ndarray, labels: np.ndarray, bits) -> dict[str, float]:
-    """Test loss and accuracy (%) over arrays, in fixed-size padded batches."""
-    bs = self.config.train.eval_batch_size
-    step = self.eval_step(bits)
+  def evaluate(self, state, batches, bits, *, preprocessed: bool = False) -> dict[str, float]:
+    """Test loss and accuracy (%) over ``(images, labels, valid)`` batches of one shape."""
+    step = self.eval_step(bits, preprocessed=preprocessed)
+    put = lambda a: jax.device_put(a, self.batch_sharding)
     totals = None
-    for start in range(0, len(images), bs):
-      xb, yb = images[start:start + bs], labels[start:start + bs]
-      valid = np.ones(bs, bool)
-      if len(xb) < bs:  # Pad so every batch has one shape: one compile.
-        valid[len(xb):] = False
-        pad = bs - len(xb)
-        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-      put = lambda a: jax.device_put(a, self.batch_sharding)
-      out = step(state, put(xb), put(yb), put(valid))
+    for x, y, valid in batches:
+      out = step(state, put(x), put(y), put(valid))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = max(int(totals["count"]), 1)
     return {"test_loss": float(totals["loss_sum"]) / n,
             "test_acc": 100.0 * float(totals["correct"]) / n}
+
+
+def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """Fixed-size batches with a validity mask: every batch has one shape, so one compile."""
+  for start in range(0, len(images), batch_size):
+    xb, yb = images[start:start + batch_size], labels[start:start + batch_size]
+    valid = np.arange(batch_size) < len(xb)
+    pad = batch_size - len(xb)
+    if pad:
+      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+      yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+    yield xb, yb, valid
 
 
 def precision_for(config: ml_collections.ConfigDict, stage: int, phase: str = "train"):

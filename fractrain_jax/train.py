@@ -342,18 +342,11 @@ def _end_interval(config, trainer, state, source, interval: _Interval, meta, ind
 
 def _evaluate(trainer, state, source, bits) -> dict[str, float]:
   """Test loss and accuracy: in-memory arrays, or the streamed test split."""
+  bs = trainer.config.train.eval_batch_size
   if isinstance(source, data.ArrayData):
-    return trainer.evaluate(state, source.test_images, source.test_labels, bits)
-  step = trainer.eval_step(bits, preprocessed=True)
-  totals = None
-  for x, y, valid in source.test_batches(trainer.config.train.eval_batch_size):
-    put = lambda a: jax.device_put(a, trainer.batch_sharding)
-    out = step(state, put(x), put(y), put(valid))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  n = max(int(totals["count"]), 1)
-  return {"test_loss": float(totals["loss_sum"]) / n,
-          "test_acc": 100.0 * float(totals["correct"]) / n}
+    batches = steps.padded_batches(source.test_images, source.test_labels, bs)
+    return trainer.evaluate(state, batches, bits)
+  return trainer.evaluate(state, source.test_batches(bs), bits, preprocessed=True)
 
 
 def _summary(config, meta, trainer, plain_layers, total_iters: int) -> dict[str, Any]:
