@@ -134,6 +134,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Cost of a block: 'macs' (real per-layer MACs) or 'blocks' (every block
   # weighted equally, the authors' default without a FLOPs table).
   config.dfq.cost_weighting = "macs"
+  # What the cost loss reads: 'mean' (the per-sample cost, averaged over the
+  # batch) or 'sum' (the batch's total cost: batch_size times stronger).
+  config.dfq.cost_reduction = "mean"
 
   config.checkpoint = ml_collections.ConfigDict()
   # Number of most recent checkpoints kept in the workdir.

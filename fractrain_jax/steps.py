@@ -144,7 +144,8 @@ class Trainer:
     step_cost = mean_cost(self.layers)
     cp_cost = step_cost if self.cp_layers is self.layers else mean_cost(self.cp_layers)
     cp = cost.cp(cp_cost, self.cp_layers)
-    cost_term = dfq.cost_loss(cp_cost.total, cp, target_cp, mean_layer_macs=self.mean_layer_macs,
+    loss_cost = cp_cost.total * (x.shape[0] if d.cost_reduction == "sum" else 1)
+    cost_term = dfq.cost_loss(loss_cost, cp, target_cp, mean_layer_macs=self.mean_layer_macs,
                               beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
                               relax=d.relax, range_=d.range)
     return logits, step_cost, cp, cost_term, {"choice": masks.mean(axis=1)}  # (blocks, K)

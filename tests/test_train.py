@@ -248,3 +248,19 @@ def test_full_precision_finetuning_follows_the_last_iteration(tmp_path, method):
   assert first["cp"] < 100 and last["cp"] == pytest.approx(100.0)
   # The fine-tuning interval costs what two FP32 steps cost.
   assert last["cost"] - first["cost"] == pytest.approx(summary["cost_fp32"] / 2, rel=1e-6)
+
+
+def test_cost_reduction_sum_scales_the_cost_term_by_the_batch_size():
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  y = jax.numpy.arange(8) % 10
+  terms = {}
+  for reduction in ("mean", "sum"):
+    config = tiny_config("dfq", **{"dfq.cost_reduction": reduction})
+    trainer = steps.Trainer(config, steps.create_model(config, 10, 0), mean=(0, 0, 0),
+                            std=(1, 1, 1))
+    params, rest = trainer._init
+    loss, (metrics, _) = trainer._loss(params, rest, x, y, jax.random.key(1), None,
+                                       jax.numpy.float32(1.0), 1.0, trainer.train_graphdef)
+    terms[reduction] = float(loss - metrics["ce"])
+  assert terms["mean"] > 0  # cp is above the 1% target: the term pushes the cost down.
+  assert terms["sum"] == pytest.approx(8 * terms["mean"], rel=1e-4)
