@@ -175,10 +175,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   def on_signal(signum, frame):
     del frame
-    log.warning("Signal %d: saving a checkpoint at the next step, then stopping", signum)
+    if stop["requested"] and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now, from the last checkpoint.
+    log.warning("Signal %d: saving a checkpoint after this step, then stopping "
+                "(Ctrl-C again to stop at once)", signum)
     stop["requested"] = True
 
-  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM,)
+  # The first SIGINT/SIGTERM only sets a flag: a KeyboardInterrupt raised inside
+  # a step would leave its donated input state deleted, with nothing to save.
+  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)
                   if _in_main_thread()}
 
   def meta_now() -> dict:
@@ -232,13 +237,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         run.save(step, state, meta_now())
       if stop["requested"]:
         raise _StopRequested()
-  except (KeyboardInterrupt, _StopRequested):
-    if int(jax.device_get(state.step)) == step and step not in (run.ckpt.all_steps() or []):
-      meta["wall_s"] = wall_base + time.perf_counter() - t_start
-      run.save(step, state, meta_now())
-    bar.close()
-    log.warning("Stopped at step %d; run again with the same workdir to resume", step)
+  except _StopRequested:
+    log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
+                "resume", step)
     return {"stopped_at": step}
+  except KeyboardInterrupt:
+    last = run.ckpt.latest_step() or 0
+    log.warning("Interrupted; running again with the same workdir resumes from step %d", last)
+    return {"stopped_at": last}
   finally:
     for s, h in old_handlers.items():
       signal.signal(s, h)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -101,12 +102,28 @@ def test_each_method_trains_end_to_end(method, tmp_path):
   assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("how", ["stop_at", "sigint"])
+def test_resume_continues_exactly(tmp_path, monkeypatch, how):
   config = tiny_config("frac", **{"train.iters": 6})
   straight = tmp_path / "straight"
   split = tmp_path / "split"
   run_mock(config, straight)
-  stopped = run_mock(config, split, stop_at=3)  # Mid-interval: the interval sums must persist.
+  # Stopped mid-interval, after step 3: the interval's sums must persist too.
+  if how == "stop_at":
+    stopped = run_mock(config, split, stop_at=3)
+  else:  # Ctrl-C while step 3 runs: the loop finishes it, saves, and stops.
+    add = train._Interval.add
+    calls = []
+
+    def add_then_interrupt(self, metrics):
+      add(self, metrics)
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train._Interval, "add", add_then_interrupt)
+    stopped = run_mock(config, split)
+    monkeypatch.undo()
   assert stopped == {"stopped_at": 3}
   assert not (split / "summary.json").exists()
   run_mock(config, split)
