@@ -20,6 +20,7 @@ import logging
 import math
 import pathlib
 import signal
+import threading
 import time
 from typing import Any
 
@@ -132,10 +133,6 @@ class _TensorBoard:
     self._writer.flush()
 
 
-class _StopRequested(Exception):
-  pass
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        stop_at: int | None = None) -> dict[str, Any]:
   """Trains and evaluates one run; returns the summary (also written to summary.json).
@@ -236,11 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         meta["wall_s"] = wall_base + time.perf_counter() - t_start
         run.save(step, state, meta_now())
       if stop["requested"]:
-        raise _StopRequested()
-  except _StopRequested:
-    log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
-                "resume", step)
-    return {"stopped_at": step}
+        break
   except KeyboardInterrupt:
     last = run.ckpt.latest_step() or 0
     log.warning("Interrupted; running again with the same workdir resumes from step %d", last)
@@ -250,7 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       signal.signal(s, h)
     bar.close()
 
-  if step < total_iters:
+  if step < total_iters:  # Stopped by a signal or stop_at, after saving a checkpoint.
+    log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
+                "resume", step)
     return {"stopped_at": step}
   summary = _summary(config, meta, trainer, plain_layers, total_iters)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -298,7 +293,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
 
 
 def _in_main_thread() -> bool:
-  import threading  # pylint: disable=import-outside-toplevel
   return threading.current_thread() is threading.main_thread()
 
 
