@@ -6,6 +6,8 @@ quant: forward + backward of one 3x3 conv (batch 128, 32x32, 16 channels),
 step: one whole training step (the jitted step that training runs, data
   augmentation on the device included) for each method: fp32, static (8/8),
   pfq (its first stage), dfq and frac (gated model), timed after compilation.
+  The methods take turns step by step, so drift in the machine's speed
+  affects them alike.
 
 All timings are medians over repeated runs in one process, after warm-up.
 Speed targets are checked here, never in unit tests.
@@ -85,15 +87,28 @@ def bench_step(args) -> list[dict]:
 
   from fractrain_jax import steps
 
+  runners = {method: steps.StepRunner.for_benchmark(
+      method, model_name=args.model, batch_size=args.batch_size,
+      num_classes=args.num_classes, seed=0) for method in args.methods}
+  for runner in runners.values():  # Compile, then warm up.
+    for _ in range(2):
+      jax.block_until_ready(runner.step())
+  # Round-robin over the methods, so that a slow spell of a shared machine
+  # lands on every method alike instead of skewing the ratios.
+  times = {method: [] for method in runners}
+  for _ in range(args.repeats):
+    for method, runner in runners.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(runner.step())
+      times[method].append(time.perf_counter() - t0)
   rows = []
-  for method in args.methods:
-    runner = steps.StepRunner.for_benchmark(
-        method, model_name=args.model, batch_size=args.batch_size,
-        num_classes=args.num_classes, seed=0)
-    seconds = time_fn(lambda: jax.block_until_ready(runner.step()), repeats=args.repeats)
+  for method, samples in times.items():
+    seconds = statistics.median(samples)
     rows.append({"bench": "step", "method": method, "model": args.model,
                  "batch_size": args.batch_size, "step_ms": seconds * 1e3,
+                 "min_step_ms": min(samples) * 1e3,
                  "images_per_s": args.batch_size / seconds,
+                 "repeats": args.repeats,
                  "device": str(jax.devices()[0].platform)})
   fp32 = next((r["step_ms"] for r in rows if r["method"] == "fp32"), None)
   for r in rows:

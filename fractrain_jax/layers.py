@@ -120,7 +120,7 @@ class QConv(nnx.Module):
       lo, hi = self._input_range(x)
       return quant.fake_quant(x, bits.a, lo=lo, hi=hi)
     lo, hi = self._input_range(x)
-    return quant.fake_quant_blend(x, bits.mask, bits.a, lo=lo, hi=hi)
+    return quant.fake_quant_blend(x, bits.mask, bits.a, lo=lo, hi=hi, one_hot=True)
 
   def __call__(self, x: jax.Array, bits: Precision = None, *,
                key: jax.Array | None = None) -> jax.Array:

@@ -194,6 +194,29 @@ def test_blend_forward_and_gradients_against_direct_sums():
   np.testing.assert_allclose(dmask, want_dmask, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("widths", [(3, 4, 4, 6, 6), (0, 2, 8)])
+def test_one_hot_blend_is_the_full_blend_bit_for_bit(widths):
+  from fractrain_jax import dfq
+  x = jax.random.normal(jax.random.key(12), (6, 5, 5, 3)) * 2.0
+  k = len(widths)
+  # The gate's own straight-through mask: exactly one-hot forward, soft gradient.
+  logits = jax.random.normal(jax.random.key(13), (6, k))
+  lo, hi = -1.5, 2.0
+  g = jax.random.normal(jax.random.key(14), x.shape)
+
+  def run(one_hot):
+    def f(x, logits):
+      mask = dfq.gumbel_softmax_st(jax.random.key(15), logits, 0.7)
+      return quant.fake_quant_blend(x, mask, widths, lo=lo, hi=hi, one_hot=one_hot)
+    out, vjp = jax.vjp(f, x, logits)
+    return out, vjp(g)
+
+  out_fast, grads_fast = run(True)
+  out_full, grads_full = run(False)
+  np.testing.assert_array_equal(np.asarray(out_fast), np.asarray(out_full))
+  chex.assert_trees_all_equal(grads_fast, grads_full)
+
+
 def test_blend_refuses_a_mask_of_the_wrong_shape():
   with pytest.raises(ValueError, match=r"\(batch, K\)"):
     quant.fake_quant_blend(jnp.ones((2, 3)), jnp.ones((2, 4)), (3, 4), lo=0.0, hi=1.0)

@@ -1,0 +1,37 @@
+"""The benchmark CLI's output contract (speed itself is never asserted in tests)."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from fractrain_jax import benchmark
+
+
+def run_json(argv):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert benchmark.main(argv + ["--json", "--no-cpu-flags"]) == 0
+  return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_step_prints_one_row_per_method_with_ratios_to_fp32():
+  methods = ["fp32", "static", "dfq"]
+  rows = run_json(["step", "--model", "resnet8", "--batch-size", "4", "--repeats", "2",
+                   "--methods", *methods])
+  assert [r["method"] for r in rows] == methods
+  fp32_ms = rows[0]["step_ms"]
+  for r in rows:
+    assert r["model"] == "resnet8" and r["batch_size"] == 4 and r["repeats"] == 2
+    assert 0 < r["min_step_ms"] <= r["step_ms"]
+    assert r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
+    assert r["ratio_to_fp32"] == pytest.approx(r["step_ms"] / fp32_ms)
+  assert rows[0]["ratio_to_fp32"] == 1.0
+
+
+def test_quant_compares_each_quantized_conv_with_fp32():
+  rows = run_json(["quant", "--batch-size", "2", "--repeats", "2"])
+  assert [r["variant"] for r in rows] == ["fp32", "quantized_8_8", "quantized_4_6"]
+  for r in rows:
+    assert r["ratio_to_fp32"] == pytest.approx(r["ms"] / rows[0]["ms"])
