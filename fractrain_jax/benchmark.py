@@ -6,8 +6,8 @@ quant: forward + backward of one 3x3 conv (batch 128, 32x32, 16 channels),
 step: one whole training step (the jitted step that training runs, data
   augmentation on the device included) for each method: fp32, static (8/8),
   pfq (its first stage), dfq and frac (gated model), timed after compilation.
-  The methods take turns step by step, so drift in the machine's speed
-  affects them alike.
+  The methods take turns (one untimed and one timed step each), so drift in
+  the machine's speed affects them alike.
 
 All timings are medians over repeated runs in one process, after warm-up.
 Speed targets are checked here, never in unit tests.
@@ -93,11 +93,15 @@ def bench_step(args) -> list[dict]:
   for runner in runners.values():  # Compile, then warm up.
     for _ in range(2):
       jax.block_until_ready(runner.step())
-  # Round-robin over the methods, so that a slow spell of a shared machine
-  # lands on every method alike instead of skewing the ratios.
+  # The methods take turns, so that a slow spell of a shared machine lands on
+  # every method alike instead of skewing the ratios. Each turn first runs one
+  # untimed step: a step that follows another method's step finds its buffers
+  # out of cache and ran about 10% slower, which narrowed the ratios; training
+  # never runs that way.
   times = {method: [] for method in runners}
   for _ in range(args.repeats):
     for method, runner in runners.items():
+      jax.block_until_ready(runner.step())
       t0 = time.perf_counter()
       jax.block_until_ready(runner.step())
       times[method].append(time.perf_counter() - t0)
