@@ -85,9 +85,9 @@ def _along_last_axis(s: jax.Array, x: jax.Array) -> jax.Array:
 
   Why: with YNNPACK element-wise fusion on (the CPU flag the entry points
   set), XLA:CPU writes every scalar broadcast out as a whole tensor before a
-  fused kernel reads it, but broadcasts a vector inside the kernel. Measured on
-  2M floats: 3.4 ms with scalar terms, 2.1 ms with vectors. The barrier keeps
-  XLA from folding the vector back into a scalar broadcast. Values are unchanged.
+  fused kernel reads it, but broadcasts a vector inside the kernel (see the
+  `quant` benchmark in docs/RESULTS.md). The barrier keeps XLA from folding the
+  vector back into a scalar broadcast. Values are unchanged.
   """
   if x.ndim == 0 or s.ndim > 0:  # Per-channel or per-sample terms broadcast in-kernel already.
     return s
@@ -167,8 +167,8 @@ def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, 
   one_hot: promise that ``mask`` is exactly one-hot in the forward pass, as the
   gate's straight-through masks are. The forward value is then one per-sample
   quantization at each sample's chosen width, the same numbers as the sum over
-  the candidates at the cost of one candidate (ResNet-38, batch 128: the blend
-  cost about 20% of an FP32 step). The gradients are unchanged.
+  the candidates at the cost of one candidate (DFQ's ResNet-38 step went from
+  1.54x to 1.40x FP32, docs/RESULTS.md). The gradients are unchanged.
   """
   widths = tuple(int(w) for w in widths)
   for w in widths:
