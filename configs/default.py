@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.fw_bits = 8
   # Backward (gradient) bits of method 'static'.
   config.quant.bw_bits = 8
-  # Momentum of the running activation range used at evaluation.
+  # Momentum of the running activation range used at evaluation (0.9 in the
+  # authors' PFQ and DFQ scripts; their FracTrain script uses 0.1).
   config.quant.act_momentum = 0.9
 
   config.pfq = ml_collections.ConfigDict()
@@ -113,11 +114,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.dfq.fw_candidates = (3, 4, 4, 6, 6)
   # Backward bits of the K candidates (paired with fw_candidates).
   config.dfq.bw_candidates = (6, 6, 8, 8, 12)
-  # Target cp (% of the FP32 step cost) of 'dfq'; first target of 'frac'.
+  # Target steering cp (%: the gated blocks' cost against FP32, see
+  # cost_weighting) of 'dfq'; first target of 'frac'.
   config.dfq.target_cp = 3.0
   # Target raise per turning point of 'frac' (target_i = target_cp + i*step).
   config.dfq.target_step = 0.5
-  # Weight beta of the cost loss.
+  # Weight beta of the cost loss sign * beta * (the batch's total gated cost),
+  # as in the authors' scripts (train_frac.py:432).
   config.dfq.beta = 1e-3
   # Half-width of the 'dfq' band around the target with sign +-0.1; 0 = none.
   config.dfq.relax = 0.0
@@ -131,12 +134,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.dfq.tau_start = 1.0
   # Temperature at the last iteration (exponential annealing in between).
   config.dfq.tau_end = 0.5
-  # Cost of a block: 'macs' (real per-layer MACs) or 'blocks' (every block
-  # weighted equally, the authors' default without a FLOPs table).
-  config.dfq.cost_weighting = "macs"
-  # What the cost loss reads: 'mean' (the per-sample cost, averaged over the
-  # batch) or 'sum' (the batch's total cost: batch_size times stronger).
-  config.dfq.cost_reduction = "mean"
+  # Weight of each gated block in the steering cp and the cost loss: 'blocks'
+  # (every block 1, the authors' default) or 'macs' (the block's real MACs,
+  # their --conv_info FLOPs table, used for MobileNetV2). The full-precision
+  # layers are never in it; whole-model cost is reported separately.
+  config.dfq.cost_weighting = "blocks"
 
   config.checkpoint = ml_collections.ConfigDict()
   # Number of most recent checkpoints kept in the workdir.

@@ -1,7 +1,9 @@
-"""DFQ (SPEC section 4) on CIFAR-10: a per-sample, per-block gate at target cp 3%.
+"""DFQ (SPEC section 4) on CIFAR-10: a per-sample, per-block gate at target steering cp 3%.
 
 Trains gated_<model.name>: weights at 4 bits, each block picks one of the
-candidate pairs (3,6) (4,6) (4,8) (6,8) (6,12) per input.
+candidate pairs (3,6) (4,6) (4,8) (6,8) (6,12) per input. The steering cp (the
+gated blocks' cost against FP32, each block weighted 1, as the authors count
+it) can reach 1.758-4.688 % with these candidates.
 
 Run: ``python main.py --config configs/dfq_cifar10.py --workdir /tmp/dfq_c10``;
 the authors' deterministic gate: ``--config.dfq.gate=hard``.
@@ -23,6 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dfq.fw_candidates = (3, 4, 4, 6, 6)
   # Backward bits of the 5 CIFAR candidates.
   config.dfq.bw_candidates = (6, 6, 8, 8, 12)
-  # Target cp in % of the FP32 step cost (README: --target_ratio 3).
+  # Target steering cp in % (README: --target_ratio 3).
   config.dfq.target_cp = 3.0
   return config

@@ -28,4 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pfq.alpha = 0.3
   # Stages - 1.
   config.pfq.num_turning_points = 3
+  # The indicator's epoch: the PFQ script feeds it every 400 iterations
+  # (train_pfq.py:73); evaluation runs at the same points.
+  config.train.eval_every = 400
   return config

@@ -20,8 +20,6 @@ import ml_collections
 METHODS = ("fp32", "static", "pfq", "dfq", "frac")
 LR_SCHEDULES = ("piecewise", "cosine", "linear")
 GATES = ("gumbel", "hard")
-COST_WEIGHTINGS = ("macs", "blocks")
-COST_REDUCTIONS = ("mean", "sum")
 DATASETS = ("cifar10", "cifar100", "imagenet2012")
 FOLDER_PREFIX = "folder:"
 MAX_BITS = 32
@@ -214,8 +212,9 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
   _choice(config, "dfq.gate", GATES)
   _real_in(config, "dfq.tau_start", 0.0, lo_open=True)
   _real_in(config, "dfq.tau_end", 0.0, lo_open=True)
-  _choice(config, "dfq.cost_weighting", COST_WEIGHTINGS)
-  _choice(config, "dfq.cost_reduction", COST_REDUCTIONS)
+  from fractrain_jax.cost import WEIGHTINGS  # pylint: disable=g-import-not-at-top
+
+  _choice(config, "dfq.cost_weighting", WEIGHTINGS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

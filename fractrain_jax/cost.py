@@ -6,9 +6,22 @@ step on one sample costs, in FP32-MAC units scaled by ``bits * bits / 32**2``:
     forward (FW): M * a * w / 1024    error backprop (EB): M * g * w / 1024
     weight gradient (GC): M * a * g / 1024
 
-A full-precision layer counts 32 for every width, so its step costs ``3 * M``
-and ``cp = (FW + EB + GC) / (3 * sum M) * 100``. Models describe their layers
-as ``LayerMACs``; the functions here turn a precision into a ``Cost``.
+A full-precision layer counts 32 for every width, so its step costs ``3 * M``.
+Models describe their layers as ``LayerMACs``; the functions here turn a
+precision into a ``Cost``.
+
+Two different percentages come out of this, and they must not be confused:
+
+* the **whole-model cp** (``cp``): a step's real cost, every layer included
+  (the gated models' full-precision stem, shortcuts and classifier at 32
+  bits), as a percentage of the same step in FP32. Reports and summaries
+  count whole-training cost this way.
+* the **steering cp** (``steer_cp``): the figure DFQ's targets are written in,
+  as the authors' code computes it. Only the gated blocks count, each weighted
+  by ``w_l`` (1 per block by default, or the block's real MACs), so it ranges
+  over the candidates' unit costs whatever the model:
+  ``sum_l w_l (FW_l + EB_l + GC_l) / (3 sum_l w_l) * 100`` with
+  ``FW_l = b_a b_w / 32**2`` at block l's choice.
 """
 
 from __future__ import annotations
@@ -53,9 +66,6 @@ class Cost(NamedTuple):
   @property
   def total(self):
     return self.fw + self.eb + self.gc
-
-  def scale(self, n) -> "Cost":
-    return Cost(self.fw * n, self.eb * n, self.gc * n)
 
 
 def _width(b: int) -> int:
@@ -127,17 +137,66 @@ def total_macs(layers: Sequence[LayerMACs]) -> float:
 
 
 def cp(cost: Cost, layers: Sequence[LayerMACs]):
-  """A step's cost as a percentage of the same step in FP32."""
+  """The whole-model cp: a step's cost as a percentage of the same step in FP32."""
   return cost.total / (3 * total_macs(layers)) * 100
 
 
-def blocks_weighted_equally(layers: Sequence[LayerMACs]) -> list[LayerMACs]:
-  """The authors' DFQ accounting: gated blocks only, each block counting M = 1."""
-  per_block: dict[int, int] = {}
+WEIGHTINGS = ("blocks", "macs")
+
+
+def block_weights(layers: Sequence[LayerMACs], weighting: str) -> list[float]:
+  """``w_l`` of each gated block for the steering cp.
+
+  weighting: "blocks" (every block 1: the authors' default, ``conv_info = 1``)
+  or "macs" (the block's real gated MACs: their ``--conv_info`` FLOPs table).
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r}; expected one of {WEIGHTINGS}")
+  per_block: dict[int, float] = {}
   for l in layers:
     if l.kind == "gated":
-      per_block[l.block] = per_block.get(l.block, 0) + 1
+      per_block[l.block] = per_block.get(l.block, 0.0) + l.macs
   if not per_block:
-    raise ValueError("no gated layers: equal block weighting needs a gated model")
-  return [dataclasses.replace(l, macs=1 / per_block[l.block])
-          for l in layers if l.kind == "gated"]
+    raise ValueError("no gated layers: the steering cp needs a gated model")
+  if sorted(per_block) != list(range(len(per_block))):
+    raise ValueError(f"gated blocks {sorted(per_block)} are not numbered 0..L-1")
+  return [1.0 if weighting == "blocks" else per_block[b] for b in range(len(per_block))]
+
+
+def _unit(a: int, g: int, w: int) -> float:
+  """FW + EB + GC of one MAC at widths (a, g, w): ``(a w + g w + a g) / 32**2``."""
+  a, g, w = _width(a), _width(g), _width(w)
+  return (a * w + g * w + a * g) / FULL**2
+
+
+def candidate_units(a: Sequence[int], g: Sequence[int], w: int) -> jnp.ndarray:
+  """Each candidate's FW + EB + GC per MAC, shape (K,)."""
+  return jnp.asarray([_unit(ak, gk, w) for ak, gk in zip(a, g)], jnp.float32)
+
+
+def steer_cp_range(a: Sequence[int], g: Sequence[int], w: int) -> tuple[float, float]:
+  """The lowest and highest steering cp (%): every block at the cheapest / dearest candidate.
+
+  The same for every model and weighting: cp is a weighted mean of unit costs.
+  """
+  units = [_unit(ak, gk, w) for ak, gk in zip(a, g)]
+  return min(units) / 3 * 100, max(units) / 3 * 100
+
+
+def steer_cp(masks, weights: Sequence[float], a: Sequence[int], g: Sequence[int], w: int):
+  """The batch's mean steering cp (%), differentiable in ``masks`` (num_blocks, batch, K)."""
+  weights = jnp.asarray(weights, jnp.float32)
+  per_block = jnp.einsum("lbk,k->lb", masks, candidate_units(a, g, w)).mean(axis=1)
+  return jnp.sum(weights * per_block) / (3 * jnp.sum(weights)) * 100
+
+
+def steer_cost_sum(masks, weights: Sequence[float], a: Sequence[int], g: Sequence[int], w: int):
+  """What the authors' DFQ loss multiplies by ``sign * beta``: the batch's total cost.
+
+  ``sum_batch sum_blocks w_l (FW + EB + GC)_l / mean_l(w_l)`` (train_frac.py:432
+  with ``conv_info``): summed over the samples, not averaged. With ``w_l = 1``
+  it is simply the sum of the chosen candidates' unit costs.
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  per_block = jnp.einsum("lbk,k->l", masks, candidate_units(a, g, w))
+  return jnp.sum(weights * per_block) / jnp.mean(weights)

@@ -6,8 +6,9 @@ traced. Rules, bit widths and other options are Python values (static).
 * ``gumbel_softmax_st`` / ``hard_argmax_st``: the gate's one-hot decision in
   the forward pass with a straight-through gradient.
 * ``gumbel_tau``: the Gumbel-softmax temperature, annealed exponentially.
-* ``cost_sign`` / ``cost_loss``: the term ``sign * beta * cost /
-  mean_layer_macs`` that pushes the batch's cp towards its target.
+* ``cost_sign`` / ``cost_loss``: the term ``sign * beta * cost`` that pushes
+  the batch's steering cp towards its target (``cost`` is the batch's total,
+  ``cost.steer_cost_sum``).
 * ``frac_target``: FracTrain's target, raised at each turning point.
 """
 
@@ -64,23 +65,21 @@ def cost_sign(cp: Scalar, target: Scalar, *, rule: str, relax: Scalar = 0.0,
   return sign.astype(jnp.float32)
 
 
-def cost_loss(cost: jax.Array, cp: Scalar, target: Scalar, *,
-              mean_layer_macs: Scalar, beta: Scalar, rule: str,
+def cost_loss(cost: jax.Array, cp: Scalar, target: Scalar, *, beta: Scalar, rule: str,
               relax: Scalar = 0.0, range_: Scalar = 0.0) -> jax.Array:
-  """``sign * beta * cost / mean_layer_macs`` with the sign held constant.
+  """``sign * beta * cost`` with the sign held constant (train_frac.py:432).
 
-  ``cost`` is the batch's FW+EB+GC cost (differentiable in the gate's masks);
-  the sign is a step function of cp, so it only chooses the direction and
-  carries no gradient. Dividing by the mean per-layer MACs puts the term on a
-  scale that does not grow with the model.
+  ``cost`` is the batch's total gated cost, summed over samples and blocks
+  (``cost.steer_cost_sum``), differentiable in the gate's masks; ``cp`` is the
+  batch's steering cp that the sign compares with ``target``. The sign is a
+  step function of cp, so it only chooses the direction and carries no
+  gradient.
   """
-  _check_concrete("mean_layer_macs", mean_layer_macs, positive=True)
   _check_concrete("beta", beta, positive=False)
   sign = jax.lax.stop_gradient(
       cost_sign(jax.lax.stop_gradient(cp), jax.lax.stop_gradient(target),
                 rule=rule, relax=relax, range_=range_))
-  cost = jnp.asarray(cost, jnp.float32)
-  return sign * jnp.float32(beta) * cost / jnp.float32(mean_layer_macs)
+  return sign * jnp.float32(beta) * jnp.asarray(cost, jnp.float32)
 
 
 def frac_target(stage: Scalar, target0: Scalar, step: Scalar) -> Scalar:

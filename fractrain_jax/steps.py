@@ -93,12 +93,11 @@ class Trainer:
     model.train()
     self._init = (params, rest)
     self.layers = model.layer_macs()
-    # What cp and the DFQ loss count: real MACs, or the authors' equal block weights.
-    if self.gated and config.dfq.cost_weighting == "blocks":
-      self.cp_layers = cost.blocks_weighted_equally(self.layers)
-    else:
-      self.cp_layers = self.layers
-    self.mean_layer_macs = cost.total_macs(self.cp_layers) / len(self.cp_layers)
+    # The FP32 cost of one sample's step: the unit of the paper's cost convention.
+    self.fp32_step_cost = cost.fp32_cost(self.layers).total
+    if self.gated:
+      # w_l of the steering cp: the authors' accounting, gated blocks only.
+      self.block_weights = cost.block_weights(self.layers, config.dfq.cost_weighting)
     self.tx = optim.make_optimizer(config.optim, config.train.iters + config.train.finetune_iters)
     self.trace_counts: dict[Any, int] = {}
     self._train_steps: dict[Any, Any] = {}
@@ -124,31 +123,32 @@ class Trainer:
   def _loss(self, params, rest, x, y, key, bits, target_cp, tau, graphdef):
     model = nnx.merge(graphdef, params, rest, copy=True)
     if self.gated and bits != "fp":
-      logits, step_cost, cp, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
+      logits, step_cost, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
     else:
-      logits, step_cost, cp, cost_term, metrics = self._plain_forward(model, x, key, bits, tau)
+      logits, step_cost, cost_term, metrics = self._plain_forward(model, x, key, bits, tau)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    metrics.update(ce=ce, correct=jnp.sum(jnp.argmax(logits, -1) == y), cp=cp,
-                   cost_fw=step_cost.fw, cost_eb=step_cost.eb, cost_gc=step_cost.gc)
+    model_cp = cost.cp(step_cost, self.layers)
+    metrics.update(ce=ce, cost_term=cost_term, correct=jnp.sum(jnp.argmax(logits, -1) == y),
+                   model_cp=model_cp, cost_fw=step_cost.fw, cost_eb=step_cost.eb,
+                   cost_gc=step_cost.gc)
+    # The paper's cost convention (SPEC section 2): the steering cp of a gated
+    # step, the whole-model cp otherwise, times the FP32 cost.
+    metrics.setdefault("paper_cp", model_cp)
     return ce + cost_term, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
   def _gated_forward(self, model, x, key, target_cp, tau):
     """DFQ: the gate picks each block's precision; the cost loss steers cp to the target."""
     d = self.config.dfq
     logits, masks = model(x, key=key, tau=tau)
-
-    def mean_cost(layers) -> cost.Cost:
-      per_sample = cost.gated_cost(layers, masks, d.fw_candidates, d.bw_candidates, d.weight_bits)
-      return cost.Cost(*(c.mean() for c in per_sample))
-
-    step_cost = mean_cost(self.layers)
-    cp_cost = step_cost if self.cp_layers is self.layers else mean_cost(self.cp_layers)
-    cp = cost.cp(cp_cost, self.cp_layers)
-    loss_cost = cp_cost.total * (x.shape[0] if d.cost_reduction == "sum" else 1)
-    cost_term = dfq.cost_loss(loss_cost, cp, target_cp, mean_layer_macs=self.mean_layer_macs,
-                              beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
+    cands = (d.fw_candidates, d.bw_candidates, d.weight_bits)
+    per_sample = cost.gated_cost(self.layers, masks, *cands)
+    step_cost = cost.Cost(*(c.mean() for c in per_sample))
+    steer_cp = cost.steer_cp(masks, self.block_weights, *cands)
+    cost_term = dfq.cost_loss(cost.steer_cost_sum(masks, self.block_weights, *cands), steer_cp,
+                              target_cp, beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
                               relax=d.relax, range_=d.range)
-    return logits, step_cost, cp, cost_term, {"choice": masks.mean(axis=1)}  # (blocks, K)
+    metrics = {"choice": masks.mean(axis=1), "steer_cp": steer_cp, "paper_cp": steer_cp}
+    return logits, step_cost, cost_term, metrics
 
   def _plain_forward(self, model, x, key, bits, tau):
     """One precision for the whole step: fp32, static, a PFQ stage, or fine-tuning."""
@@ -158,8 +158,7 @@ class Trainer:
     else:
       logits = model(x, static, key=key)
     step_cost = cost.static_cost(self.layers, static)
-    cp = jnp.float32(cost.cp(step_cost, self.layers))
-    return logits, cost.Cost(*(jnp.float32(c) for c in step_cost)), cp, jnp.float32(0.0), {}
+    return logits, cost.Cost(*(jnp.float32(c) for c in step_cost)), jnp.float32(0.0), {}
 
   # ---- train step ----
 

@@ -43,6 +43,7 @@ class _Interval:
     d = d or {}
     self.steps = d.get("steps", 0)
     self.sums = d.get("sums", {})
+    self.counts = d.get("counts", {})  # Steps that reported each key.
     self.choice = None if d.get("choice") is None else np.asarray(d["choice"])
     self.pending: list[dict] = []
 
@@ -57,6 +58,7 @@ class _Interval:
           self.choice = v if self.choice is None else self.choice + v
         else:
           self.sums[k] = self.sums.get(k, 0.0) + float(v)
+          self.counts[k] = self.counts.get(k, 0) + 1
     self.pending = []
 
   def mean(self, k: str) -> float:
@@ -64,14 +66,15 @@ class _Interval:
 
   def state_dict(self) -> dict:
     self.flush()
-    return {"steps": self.steps, "sums": self.sums,
+    return {"steps": self.steps, "sums": self.sums, "counts": self.counts,
             "choice": None if self.choice is None else self.choice.tolist()}
 
 
 def _default_meta() -> dict[str, Any]:
   return {"phase": "train", "stage": 0, "indicator": None, "cost": [0.0, 0.0, 0.0],
-          "turning_points": [], "best_test_acc": None, "last_test_acc": None,
-          "wall_s": 0.0, "cp_sum": 0.0, "cp_steps": 0, "interval": None}
+          "cost_paper": 0.0, "turning_points": [], "best_test_acc": None,
+          "last_test_acc": None, "wall_s": 0.0, "model_cp_sum": 0.0, "steer_cp_sum": 0.0,
+          "cp_steps": 0, "steer_cp_steps": 0, "interval": None}
 
 
 class _Run:
@@ -109,6 +112,32 @@ def _uses_indicator(method: str) -> bool:
   return method in ("pfq", "frac")
 
 
+def _targets(config) -> list[float]:
+  """Every target cp the run will steer to: DFQ's one, or FracTrain's per stage."""
+  if config.method == "dfq":
+    return [float(config.dfq.target_cp)]
+  return [_target_cp(config, i) for i in range(config.pfq.num_turning_points + 1)]
+
+
+def _check_targets_reachable(config) -> None:
+  """Logs the reachable steering-cp range; warns about a target outside it.
+
+  Not a refusal: the README's FracTrain recipe starts at 1.5, below the 1.758
+  floor of the CIFAR candidates, in the authors' code too. Below the floor the
+  cost term only pushes down (sign +1 at every step), above the ceiling only up.
+  """
+  d = config.dfq
+  lo, hi = cost.steer_cp_range(d.fw_candidates, d.bw_candidates, d.weight_bits)
+  log.info("Steering cp of gated %s with these candidates: %.3f%% (every block at the "
+           "cheapest) to %.3f%% (every block at the dearest)", config.model.name, lo, hi)
+  outside = [t for t in _targets(config) if not lo <= t <= hi]
+  if outside:
+    log.warning("target cp %s outside the reachable steering-cp range %.3f-%.3f%% of these "
+                "candidates (fw %s, bw %s, weights %d bits): the gate cannot meet it",
+                ", ".join(f"{t:g}" for t in outside), lo, hi, tuple(d.fw_candidates),
+                tuple(d.bw_candidates), d.weight_bits)
+
+
 def _target_cp(config, stage: int) -> float | None:
   if config.method == "dfq":
     return float(config.dfq.target_cp)
@@ -143,6 +172,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   config_check.validate(config)
   workdir = config_check.check_workdir(workdir)
   source, trainer, plain_layers = _setup(config)
+  if steps.is_gated(config.method):
+    _check_targets_reachable(config)
   run = _Run(config, workdir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   streamed = not isinstance(source, data.ArrayData)
@@ -223,8 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
               f"training loss became {loss} at step {step} ({config.method}, "
               f"{config.model.name}, lr {interval.mean('lr'):.3g}); the last good checkpoint "
               f"in {workdir / 'checkpoints'} is kept: lower optim.lr or check the data")
+        cp_key = "steer_cp" if "steer_cp" in interval.sums else "model_cp"
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * interval.mean('correct') / bs:.1f}",
-                        cp=f"{interval.mean('cp'):.2f}", stage=meta["stage"], refresh=False)
+                        cp=f"{interval.mean(cp_key):.2f}", stage=meta["stage"], refresh=False)
       if at_eval:
         _end_interval(config, trainer, state, source, interval, meta, indicator, tb, run,
                       step, bits, target, wall_base + time.perf_counter() - t_start)
@@ -305,33 +337,43 @@ def _end_interval(config, trainer, state, source, interval: _Interval, meta, ind
   samples = n * bs
   fw, eb, gc = (interval.mean(k) * samples for k in ("cost_fw", "cost_eb", "cost_gc"))
   meta["cost"] = [meta["cost"][0] + fw, meta["cost"][1] + eb, meta["cost"][2] + gc]
-  meta["cp_sum"] += interval.sums.get("cp", 0.0)
+  meta["cost_paper"] += interval.mean("paper_cp") / 100 * trainer.fp32_step_cost * samples
+  meta["model_cp_sum"] += interval.sums.get("model_cp", 0.0)
   meta["cp_steps"] += n
+  # Steering cp: only the gated steps have one (not a gated model's fine-tuning).
+  steer_steps = interval.counts.get("steer_cp", 0)
+  meta["steer_cp_sum"] += interval.sums.get("steer_cp", 0.0)
+  meta["steer_cp_steps"] += steer_steps
   ev = _evaluate(trainer, state, source, bits)
   meta["last_test_acc"] = ev["test_acc"]
   meta["best_test_acc"] = max(ev["test_acc"], meta["best_test_acc"] or -1.0)
   meta["wall_s"] = wall_s
   record = {
       "step": step, "epoch": step / config.train.eval_every, "lr": interval.mean("lr"),
-      "train_loss": interval.mean("ce"), "train_acc": 100.0 * interval.mean("correct") / bs,
+      "train_loss": interval.mean("ce"), "train_cost_term": interval.mean("cost_term"),
+      "train_acc": 100.0 * interval.mean("correct") / bs,
       **ev, "stage": meta["stage"],
       "fw_bits": bits[0] if isinstance(bits, tuple) else None,
       "bw_bits": bits[1] if isinstance(bits, tuple) else None,
-      "target_cp": target, "cp": interval.mean("cp"),
+      "target_cp": target,
+      "steer_cp": interval.sums["steer_cp"] / steer_steps if steer_steps else None,
+      "model_cp": interval.mean("model_cp"),
       "cost": sum(meta["cost"]), "cost_fw": meta["cost"][0], "cost_eb": meta["cost"][1],
-      "cost_gc": meta["cost"][2], "wall_s": wall_s, "method": config.method,
-      "model": config.model.name, "phase": meta["phase"],
+      "cost_gc": meta["cost"][2], "cost_paper": meta["cost_paper"], "wall_s": wall_s,
+      "method": config.method, "model": config.model.name, "phase": meta["phase"],
   }
   if interval.choice is not None:
-    record["choice_ratio"] = (interval.choice / n).tolist()
+    record["choice_ratio"] = (interval.choice / steer_steps).tolist()
     record["candidates"] = [list(config.dfq.fw_candidates), list(config.dfq.bw_candidates)]
   with open(run.workdir / "metrics.jsonl", "a") as f:
     f.write(json.dumps(record) + "\n")
   tb.write(step, {k: v for k, v in record.items() if isinstance(v, (int, float))
                   and not isinstance(v, bool) and v is not None})
-  # The indicator reads this interval's mean training loss (Alg. 1's epoch loss).
+  # The indicator reads this interval's mean training loss (Alg. 1's epoch loss),
+  # FracTrain's with the signed cost term in it, as the authors' script feeds it
+  # (train_frac.py:447,454); PFQ's term is 0.
   if (_uses_indicator(config.method) and meta["phase"] == "train"
-      and indicator.update(record["train_loss"])):
+      and indicator.update(record["train_loss"] + record["train_cost_term"])):
     meta["stage"] = indicator.stage
     meta["turning_points"].append(step)
     log.info("Turning point at step %d: stage %d", step, indicator.stage)
@@ -356,8 +398,11 @@ def _summary(config, meta, trainer, plain_layers, total_iters: int) -> dict[str,
       "iters": total_iters, "final_test_acc": meta["last_test_acc"],
       "best_test_acc": meta["best_test_acc"], "total_cost": sum(meta["cost"]),
       "cost_fw": meta["cost"][0], "cost_eb": meta["cost"][1], "cost_gc": meta["cost"][2],
+      "cost_paper": meta["cost_paper"],
       "cost_fp32": cost.fp32_cost(plain_layers).total * samples,
       "cost_sbm8": cost.static_cost(plain_layers, (8, 8)).total * samples,
-      "mean_cp": meta["cp_sum"] / max(meta["cp_steps"], 1),
+      "mean_model_cp": meta["model_cp_sum"] / max(meta["cp_steps"], 1),
+      "mean_steer_cp": (meta["steer_cp_sum"] / meta["steer_cp_steps"]
+                        if meta["steer_cp_steps"] else None),
       "turning_points": meta["turning_points"], "wall_s": meta["wall_s"],
   }

@@ -8,7 +8,8 @@
 #             e.g. after `tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp` use /tmp/cifar10
 #   OUT_ROOT  where the five workdirs and the report go (default: runs/cpu_study)
 # Environment: MODEL (resnet20), ITERS (1500), EVAL_EVERY (25), TEST_SUBSET (2000),
-#   METHODS ("fp32 sbm pfq dfq frac"), PYTHON (python3).
+#   METHODS ("fp32 sbm pfq dfq frac dfq_hard"), PYTHON (python3). Each entry names
+#   configs/<entry>_cifar10.py; dfq_hard is DFQ with the authors' argmax gate.
 set -euo pipefail
 
 [[ $# -ge 1 && -d $1/train && -d $1/test ]] || {
@@ -22,14 +23,16 @@ MODEL=${MODEL:-resnet20}
 ITERS=${ITERS:-1500}
 EVAL_EVERY=${EVAL_EVERY:-25}
 TEST_SUBSET=${TEST_SUBSET:-2000}
-METHODS=${METHODS:-fp32 sbm pfq dfq frac}
+METHODS=${METHODS:-fp32 sbm pfq dfq frac dfq_hard}
 # The paper's schedule shape at this budget: lr x0.1 at 50% and 75% of the run.
 B1=$((ITERS / 2)); B2=$((ITERS * 3 / 4))
 mkdir -p "$OUT"
 
 for m in $METHODS; do
   echo "=== $m ($(date -u +%H:%M:%S))"
-  "$PY" main.py --config "configs/${m}_cifar10.py" --workdir "$OUT/$m" \
+  recipe=$m extra=()
+  if [[ $m == dfq_hard ]]; then recipe=dfq extra=(--config.dfq.gate=hard); fi
+  "$PY" main.py --config "configs/${recipe}_cifar10.py" --workdir "$OUT/$m" "${extra[@]}" \
     --config.data.dataset="folder:$DATA_DIR" --config.data.test_subset="$TEST_SUBSET" \
     --config.model.name="$MODEL" --config.train.iters="$ITERS" \
     --config.train.eval_every="$EVAL_EVERY" --config.optim.boundaries="($B1, $B2)" \

@@ -16,3 +16,37 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 2)
 # Tests use tiny models: compile time dominates, and these runs need no speed.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+import pytest  # noqa: E402
+
+# Real CIFAR-10 JPEGs shared beside the repository (never copied into it).
+CIFAR10_TAR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def real_cifar10_folder(tmp_path_factory):
+  """A small class-balanced image folder cut from the real CIFAR-10 JPEGs.
+
+  50 training and 10 test images per class, in the `folder:PATH` layout.
+  """
+  import tarfile  # pylint: disable=import-outside-toplevel
+
+  if not CIFAR10_TAR.is_file():
+    pytest.skip(f"real CIFAR-10 not found at {CIFAR10_TAR}")
+  root = tmp_path_factory.mktemp("cifar10_small")
+  wanted = {"train": 50, "test": 10}
+  counts: dict[tuple[str, str], int] = {}
+  with tarfile.open(CIFAR10_TAR, "r:gz") as tar:
+    for member in tar:
+      parts = member.name.split("/")
+      if not member.isfile() or len(parts) < 3 or parts[-3] not in wanted:
+        continue
+      split, cls = parts[-3], parts[-2]
+      if counts.get((split, cls), 0) >= wanted[split]:
+        continue
+      counts[(split, cls)] = counts.get((split, cls), 0) + 1
+      folder = root / split / cls
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / parts[-1]).write_bytes(tar.extractfile(member).read())
+  return root

@@ -97,23 +97,22 @@ def test_sign_bad_arguments(kwargs, name):
 
 @pytest.mark.parametrize("cp,sign", [(1.0, -1.0), (2.0, 1.0), (5.0, 1.0)])
 def test_cost_loss_value_and_gradient(cp, sign):
-  beta, mean_macs, cost = 1e-3, 2.0e6, 3.0e7
+  beta, cost = 1e-3, 37.5
 
   def loss(cost, cp):
-    return dfq.cost_loss(cost, cp, 2.0, mean_layer_macs=mean_macs, beta=beta,
-                         rule="frac")
+    return dfq.cost_loss(cost, cp, 2.0, beta=beta, rule="frac")
 
   value, (d_cost, d_cp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
       jnp.float32(cost), jnp.float32(cp))
-  np.testing.assert_allclose(value, sign * beta * cost / mean_macs, rtol=1e-6)
-  np.testing.assert_allclose(d_cost, sign * beta / mean_macs, rtol=1e-6)
+  np.testing.assert_allclose(value, sign * beta * cost, rtol=1e-6)
+  np.testing.assert_allclose(d_cost, sign * beta, rtol=1e-6)
   # The sign is a constant: no gradient reaches cp.
   assert float(d_cp) == 0.0
 
 
-def test_cost_loss_refuses_non_positive_macs():
-  with pytest.raises(ValueError, match="mean_layer_macs"):
-    dfq.cost_loss(1.0, 1.0, 2.0, mean_layer_macs=0.0, beta=1e-3, rule="frac")
+def test_cost_loss_refuses_negative_beta():
+  with pytest.raises(ValueError, match="beta"):
+    dfq.cost_loss(1.0, 1.0, 2.0, beta=-1e-3, rule="frac")
 
 
 def test_frac_target():

@@ -1,6 +1,7 @@
 """End-to-end training runs: every method, resume, sharding, failures (tiny models, mock data)."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 from PIL import Image
 
 from configs import default
@@ -21,10 +23,10 @@ from fractrain_jax import steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-               "stage", "fw_bits", "bw_bits", "target_cp", "cp", "cost", "cost_fw",
-               "cost_eb", "cost_gc", "wall_s"}
+               "stage", "fw_bits", "bw_bits", "target_cp", "steer_cp", "model_cp", "cost",
+               "cost_fw", "cost_eb", "cost_gc", "cost_paper", "train_cost_term", "wall_s"}
 SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "total_cost", "turning_points", "wall_s",
-                "cost_fp32", "cost_sbm8", "mean_cp"}
+                "cost_fp32", "cost_sbm8", "cost_paper", "mean_model_cp", "mean_steer_cp"}
 
 
 def tiny_config(method_name: str, **overrides):
@@ -81,13 +83,15 @@ def test_each_method_trains_end_to_end(method, tmp_path):
   # Whole-training cost against the per-step references of the same iterations.
   if method == "fp32":
     assert summary["total_cost"] == pytest.approx(summary["cost_fp32"], rel=1e-6)
-    assert lines[-1]["cp"] == pytest.approx(100.0)
+    assert summary["cost_paper"] == pytest.approx(summary["cost_fp32"], rel=1e-6)
+    assert lines[-1]["model_cp"] == pytest.approx(100.0)
   elif method == "static":
     assert summary["total_cost"] == pytest.approx(summary["cost_sbm8"], rel=1e-6)
     # 1/16 of FP32 for the convs; the classifier stays full precision.
-    assert lines[-1]["cp"] == pytest.approx(100 * summary["cost_sbm8"] / summary["cost_fp32"],
-                                            rel=1e-5)
-    assert 100 / 16 < lines[-1]["cp"] < 100 / 15
+    assert lines[-1]["model_cp"] == pytest.approx(
+        100 * summary["cost_sbm8"] / summary["cost_fp32"], rel=1e-5)
+    assert 100 / 16 < lines[-1]["model_cp"] < 100 / 15
+    assert summary["mean_steer_cp"] is None and lines[-1]["steer_cp"] is None
   elif method == "pfq":
     assert (lines[0]["fw_bits"], lines[0]["bw_bits"]) == (3, 6)
     assert summary["total_cost"] < summary["cost_sbm8"]
@@ -96,8 +100,16 @@ def test_each_method_trains_end_to_end(method, tmp_path):
     ratios = np.asarray(lines[-1]["choice_ratio"])
     assert ratios.shape[1] == 2
     np.testing.assert_allclose(ratios.sum(axis=1), 1.0, rtol=1e-5)
-    # cp lies between the all-cheapest and all-dearest choices.
-    assert 0 < lines[-1]["cp"] < 100
+    # The steering cp lies between the all-cheapest and all-dearest choices
+    # ((3, 6) and (6, 12) with 4-bit weights); the whole model costs more, since
+    # its stem, shortcuts and classifier run at 32 bits.
+    assert 54 / 30.72 - 1e-4 <= lines[-1]["steer_cp"] <= 144 / 30.72 + 1e-4
+    assert lines[-1]["model_cp"] > lines[-1]["steer_cp"]
+    # The paper's convention: mean steering cp times the FP32 cost.
+    mean_steer = np.mean([l["steer_cp"] for l in lines])
+    assert summary["mean_steer_cp"] == pytest.approx(mean_steer, rel=1e-5)
+    assert summary["cost_paper"] == pytest.approx(mean_steer / 100 * summary["cost_fp32"],
+                                                  rel=1e-5)
   assert (tmp_path / "checkpoints").is_dir()
   assert any((tmp_path / "tensorboard").iterdir())
 
@@ -133,7 +145,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
   a, b = read_metrics(straight), read_metrics(split)
   assert [l["step"] for l in b] == [2, 4, 6]
   for la, lb in zip(a, b):
-    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "cp", "cost", "lr"):
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "steer_cp", "model_cp",
+              "cost", "cost_paper", "lr"):
       assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), k
   assert m1["indicator"] == m2["indicator"]
 
@@ -157,7 +170,7 @@ def test_two_devices_give_the_result_of_one(tmp_path, method, rtol):
     chex.assert_trees_all_close(p1, p2, rtol=1e-5, atol=1e-6)
   for la, lb in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
     assert la["train_loss"] == pytest.approx(lb["train_loss"], rel=rtol)
-    assert la["cp"] == pytest.approx(lb["cp"], rel=rtol)
+    assert la["model_cp"] == pytest.approx(lb["model_cp"], rel=rtol)
 
 
 def test_pfq_compiles_once_per_stage(tmp_path, monkeypatch):
@@ -262,22 +275,58 @@ def test_full_precision_finetuning_follows_the_last_iteration(tmp_path, method):
   summary = run_mock(config, tmp_path)
   first, last = read_metrics(tmp_path)
   assert (first["phase"], last["phase"]) == ("train", "finetune")
-  assert first["cp"] < 100 and last["cp"] == pytest.approx(100.0)
+  assert first["model_cp"] < 100 and last["model_cp"] == pytest.approx(100.0)
   # The fine-tuning interval costs what two FP32 steps cost.
   assert last["cost"] - first["cost"] == pytest.approx(summary["cost_fp32"] / 2, rel=1e-6)
 
 
-def test_cost_reduction_sum_scales_the_cost_term_by_the_batch_size():
+@pytest.mark.parametrize("weighting", ["blocks", "macs"])
+@pytest.mark.parametrize("target,sign", [(1.0, 1.0), (4.6, -1.0)])
+def test_step_cost_term_is_the_authors_batch_total(weighting, target, sign):
+  config = tiny_config("frac", **{"dfq.cost_weighting": weighting})
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   y = jax.numpy.arange(8) % 10
-  terms = {}
-  for reduction in ("mean", "sum"):
-    config = tiny_config("dfq", **{"dfq.cost_reduction": reduction})
-    trainer = steps.Trainer(config, steps.create_model(config, 10, 0), mean=(0, 0, 0),
-                            std=(1, 1, 1))
-    params, rest = trainer._init
-    loss, (metrics, _) = trainer._loss(params, rest, x, y, jax.random.key(1), None,
-                                       jax.numpy.float32(1.0), 1.0, trainer.train_graphdef)
-    terms[reduction] = float(loss - metrics["ce"])
-  assert terms["mean"] > 0  # cp is above the 1% target: the term pushes the cost down.
-  assert terms["sum"] == pytest.approx(8 * terms["mean"], rel=1e-4)
+  model = steps.create_model(config, 10, 0)
+  trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
+  params, rest = trainer._init
+  key = jax.random.key(1)
+  loss, (metrics, _) = trainer._loss(params, rest, x, y, key, None, jax.numpy.float32(target),
+                                     1.0, trainer.train_graphdef)
+  # The same forward pass again, for the gate's per-sample choices.
+  _, masks = nnx.merge(trainer.train_graphdef, params, rest, copy=True)(x, key=key, tau=1.0)
+  choice = np.argmax(np.asarray(masks), axis=-1)  # (blocks, batch)
+  a, g, w = config.dfq.fw_candidates, config.dfq.bw_candidates, config.dfq.weight_bits
+  layers = model.layer_macs()
+  if weighting == "blocks":
+    weights = np.ones(model.num_blocks)
+  else:
+    weights = np.zeros(model.num_blocks)
+    for l in layers:
+      if l.kind == "gated":
+        weights[l.block] += l.macs
+  unit = np.array([(ak * w + gk * w + ak * gk) / 1024 for ak, gk in zip(a, g)])
+  total = sum(weights[l] * unit[choice[l, n]] for l in range(len(weights)) for n in range(8))
+  want = sign * config.dfq.beta * total / weights.mean()
+  assert float(metrics["cost_term"]) == pytest.approx(want, rel=1e-5)
+  assert float(loss - metrics["ce"]) == pytest.approx(want, rel=1e-3)
+  cp = sum(weights[l] * unit[choice[l, n]] / 8 for l in range(len(weights))
+           for n in range(8)) / (3 * weights.sum()) * 100
+  assert float(metrics["steer_cp"]) == pytest.approx(cp, rel=1e-5)
+
+
+@pytest.mark.parametrize("method,target,warned", [("dfq", 1.0, "1"), ("dfq", 3.0, None),
+                                                   ("frac", 1.5, "1.5"), ("frac", 4.5, "5, 5.5, 6")])
+def test_a_target_outside_the_reachable_range_is_warned_about(tmp_path, caplog, method, target,
+                                                               warned):
+  config = tiny_config(method, **{"train.iters": 2, "dfq.target_cp": target})
+  with caplog.at_level(logging.INFO, logger="fractrain_jax"):
+    run_mock(config, tmp_path)
+  # Candidates (3, 6) and (6, 12) with 4-bit weights.
+  assert "1.758% (every block at the cheapest) to 4.688%" in caplog.text
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+              and "reachable steering-cp range" in r.getMessage()]
+  if warned is None:
+    assert not warnings
+  else:
+    (message,) = warnings
+    assert message.startswith(f"target cp {warned} outside") and "1.758-4.688%" in message
