@@ -11,7 +11,13 @@ workdir (the folder that holds the workdirs), so that
 `report $OUT/sbm $OUT/frac` writes `$OUT/report/`.
 
 A run without `summary.json` is still going or was interrupted: its figures
-come from the metrics lines and its table row says "unfinished".
+come from the metrics lines and its table row says "unfinished". A workdir
+with no metrics yet is skipped with a warning.
+
+Two costs per run, labelled apart (SPEC section 2): the whole-model cost (real
+per-layer MACs, the gated models' full-precision layers at 32 bits) and the
+paper's convention (mean steering cp times the FP32 cost), which is what the
+paper's tables compare. Each is shown against 8-bit SBM in the same convention.
 """
 
 from __future__ import annotations
@@ -50,9 +56,11 @@ class Run:
     cost_fw: float | None
     cost_eb: float | None
     cost_gc: float | None
+    cost_paper: float | None
     cost_fp32: float | None
     cost_sbm8: float | None
-    mean_cp: float | None
+    mean_model_cp: float | None
+    mean_steer_cp: float | None
     turning_points: list[int] = field(default_factory=list)
     wall_s: float | None = None
     static_bits: tuple[int, int] | None = None
@@ -122,8 +130,9 @@ def derive_turning_points(metrics: list[dict[str, Any]]) -> list[int]:
     return points
 
 
-def _weighted_mean_cp(metrics: list[dict[str, Any]]) -> float | None:
-    pairs = [(w, r["cp"]) for w, r in zip(_interval_weights(metrics), metrics) if r.get("cp") is not None]
+def _weighted_mean(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of a per-interval column over the run, each interval weighted by its length."""
+    pairs = [(w, r[key]) for w, r in zip(_interval_weights(metrics), metrics) if r.get(key) is not None]
     total = sum(w for w, _ in pairs)
     return sum(w * cp for w, cp in pairs) / total if total else None
 
@@ -173,9 +182,11 @@ def load_run(workdir: str | Path) -> Run:
         cost_fw=pick("cost_fw", last.get("cost_fw")),
         cost_eb=pick("cost_eb", last.get("cost_eb")),
         cost_gc=pick("cost_gc", last.get("cost_gc")),
+        cost_paper=pick("cost_paper", last.get("cost_paper")),
         cost_fp32=s.get("cost_fp32"),
         cost_sbm8=s.get("cost_sbm8"),
-        mean_cp=pick("mean_cp", _weighted_mean_cp(metrics)),
+        mean_model_cp=pick("mean_model_cp", _weighted_mean(metrics, "model_cp")),
+        mean_steer_cp=pick("mean_steer_cp", _weighted_mean(metrics, "steer_cp")),
         turning_points=[int(t) for t in pick("turning_points", derive_turning_points(metrics))],
         wall_s=pick("wall_s", last.get("wall_s")),
         static_bits=_static_bits(config, metrics),
@@ -193,22 +204,39 @@ def is_static8(run: Run) -> bool:
     return run.method == "static" and run.static_bits == (8, 8)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The 8-bit SBM cost a run is compared with, in both conventions, and where it comes from."""
+
+    cost: float | None
+    cost_paper: float | None
+    source: str
+
+
 def baseline_for(run: Run, runs: Sequence[Run], names: Sequence[str],
-                 baseline: Run | None = None) -> tuple[float | None, str]:
-    """The 8-bit cost `run` is compared with, and a phrase saying where it comes from.
+                 baseline: Run | None = None) -> Baseline:
+    """The 8-bit cost `run` is compared with.
 
     Order: the explicit baseline; else a finished static 8/8 run of the same
     model and dataset among `runs` (an unfinished one has not paid its whole
-    cost yet); else the run's own `cost_sbm8`; else none.
+    cost yet); else the run's own `cost_sbm8` (and, in the paper's convention,
+    6.25% of its `cost_fp32`); else none.
     """
     if baseline is not None:
-        return baseline.total_cost, f"run `{baseline.workdir}` (given with --baseline, total {sci(baseline.total_cost)})"
+        return Baseline(baseline.total_cost, baseline.cost_paper,
+                        f"run `{baseline.workdir}` (given with --baseline, total {sci(baseline.total_cost)})")
     for other, name in zip(runs, names):
         if other.finished and is_static8(other) and (other.model, other.dataset) == (run.model, run.dataset):
-            return other.total_cost, f"run `{name}` (static 8/8 bits, total {sci(other.total_cost)})"
+            return Baseline(other.total_cost, other.cost_paper,
+                            f"run `{name}` (static 8/8 bits, total {sci(other.total_cost)})")
     if run.cost_sbm8 is not None:
-        return run.cost_sbm8, "its own `cost_sbm8` (the same iterations at static 8/8 bits)"
-    return None, "nothing (no static 8/8 run among the inputs and no summary.json with cost_sbm8)"
+        paper = run.cost_fp32 * (8 * 8 / 32**2) if run.cost_fp32 is not None else None
+        return Baseline(run.cost_sbm8, paper, "its own `cost_sbm8` (the same iterations at static 8/8 bits)")
+    return Baseline(None, None, "nothing (no static 8/8 run among the inputs and no summary.json with cost_sbm8)")
+
+
+def _ratio(cost: float | None, base: float | None) -> str:
+    return f"{100 * cost / base:.3g}%" if base and cost is not None else "n/a"
 
 
 def sci(x: float | None) -> str:
@@ -230,28 +258,42 @@ def _hms(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _steer_cell(run: Run) -> str:
+    """Mean steering cp, and the range of targets it was steered to."""
+    if run.mean_steer_cp is None:
+        return "-"
+    targets = [r["target_cp"] for r in run.metrics if r.get("target_cp") is not None]
+    if not targets:
+        return f"{run.mean_steer_cp:.2f}"
+    span = f"{targets[0]:g}" if min(targets) == max(targets) else f"{targets[0]:g} -> {targets[-1]:g}"
+    return f"{run.mean_steer_cp:.2f} (target {span})"
+
+
 def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
     """One row per run, then a line saying what each relative cost is relative to."""
     names = labels(runs)
     header = ["run", "method", "model", "status", "final acc (%)", "best acc (%)",
-              "total cost (MACs)", "cost vs 8-bit", "mean cp (%)", "turning points", "wall"]
+              "whole-model cost (MACs)", "vs 8-bit", "paper-convention cost (MACs)", "paper vs 8-bit",
+              "steering cp (%)", "whole-model cp (%)", "turning points", "wall"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     sources: dict[str, list[str]] = {}
     for run, name in zip(runs, names):
-        base_cost, source = baseline_for(run, runs, names, baseline)
-        sources.setdefault(source, []).append(name)
-        rel = (f"{100 * run.total_cost / base_cost:.3g}%"
-               if base_cost and run.total_cost is not None else "n/a")
+        base = baseline_for(run, runs, names, baseline)
+        sources.setdefault(base.source, []).append(name)
         total = run.iters if run.iters is not None else "?"
         status = "done" if run.finished else f"unfinished (step {run.last_step}/{total})"
         tps = ", ".join(str(t) for t in run.turning_points) or "-"
         cells = [name, run.method, run.model, status, _num(run.final_test_acc, ".2f"),
-                 _num(run.best_test_acc, ".2f"), sci(run.total_cost), rel,
-                 _num(run.mean_cp, ".2f"), tps, _hms(run.wall_s)]
+                 _num(run.best_test_acc, ".2f"), sci(run.total_cost), _ratio(run.total_cost, base.cost),
+                 sci(run.cost_paper), _ratio(run.cost_paper, base.cost_paper), _steer_cell(run),
+                 _num(run.mean_model_cp, ".2f"), tps, _hms(run.wall_s)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append("Whole-model cost: real per-layer MACs of every layer, full-precision ones at 32 bits. "
+                 "Paper convention: mean steering cp (gated runs; whole-model cp otherwise) times the "
+                 "FP32 cost, as the paper's tables count.")
     for source, who in sources.items():
-        lines.append(f"Cost vs 8-bit for {', '.join(f'`{w}`' for w in who)}: relative to {source}.")
+        lines.append(f"vs 8-bit for {', '.join(f'`{w}`' for w in who)}: relative to {source}.")
     if any(not r.finished for r in runs):
         lines.append("Unfinished runs (no summary.json): figures so far, from the last metrics line.")
     return "\n".join(lines) + "\n"
@@ -294,6 +336,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _log_axis(axis: Any) -> None:
+    """Log-scale ticks that do not run together: labels at powers of ten only, as 1e13."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, numticks=8))
+    axis.set_major_formatter(lambda x, _: sci(x).replace(".00e", "e") if x > 0 else "")
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=12))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path) -> Path:
     from matplotlib.figure import Figure
 
@@ -304,8 +356,9 @@ def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path) -> P
                if r.get("cost") and r["cost"] > 0 and r.get("test_acc") is not None]
         if pts:
             ax.plot(*zip(*pts), marker=".", label=name if run.finished else f"{name} (unfinished)")
+    _log_axis(ax.xaxis)
     ax.set_xscale("log")
-    ax.set_xlabel("cumulative training cost (bit-scaled MACs)")
+    ax.set_xlabel("cumulative whole-model training cost (bit-scaled MACs)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.has_data():
@@ -314,27 +367,44 @@ def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path) -> P
 
 
 def plot_precision(run: Run, name: str, path: Path) -> Path:
-    """Top: precision in force (bits, or DFQ's target cp). Bottom: cp measured per interval."""
+    return _save(precision_figure(run, name), path)
+
+
+def precision_figure(run: Run, name: str) -> Any:
+    """Top: precision in force (bits, or DFQ's target cp). Bottom: cp measured per interval.
+
+    Gated runs show their steering cp against its target (the figure DFQ
+    steers), and the whole-model cp beside it; plain runs their whole-model cp.
+    """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7.0, 5.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     steps, fw = _series(run, "fw_bits")
     _, bw = _series(run, "bw_bits")
     _, target = _series(run, "target_cp")
-    _, cp = _series(run, "cp")
-    if any(not math.isnan(v) for v in fw + bw):
+    _, steer = _series(run, "steer_cp")
+    _, model_cp = _series(run, "model_cp")
+    has = lambda values: any(not math.isnan(v) for v in values)
+    if has(fw + bw):
         top.plot(steps, fw, drawstyle="steps-pre", label="forward bits")
         top.plot(steps, bw, drawstyle="steps-pre", linestyle="--", label="backward bits")
         top.set_ylabel("bits")
-    elif any(not math.isnan(v) for v in target):
+        top.yaxis.set_major_locator(MaxNLocator(integer=True))
+    elif has(target):
         top.plot(steps, target, drawstyle="steps-pre", color="tab:red", label="target cp")
-        top.set_ylabel("target cp (%)")
+        top.set_ylabel("target steering cp (%)")
     else:
         top.text(0.5, 0.5, "no quantized precision recorded (full precision)",
                  ha="center", va="center", transform=top.transAxes)
-    bottom.plot(steps, cp, drawstyle="steps-pre", color="tab:green", label="cp per interval")
-    if any(not math.isnan(v) for v in target):
+    if has(steer):
+        bottom.plot(steps, steer, drawstyle="steps-pre", color="tab:green", label="steering cp per interval")
+        bottom.plot(steps, model_cp, drawstyle="steps-pre", color="tab:gray", linewidth=0.8,
+                    label="whole-model cp per interval")
+    else:
+        bottom.plot(steps, model_cp, drawstyle="steps-pre", color="tab:green", label="whole-model cp per interval")
+    if has(target):
         bottom.plot(steps, target, drawstyle="steps-pre", color="tab:red", linestyle=":", label="target cp")
     bottom.set_ylabel("cp (% of FP32 cost)")
     bottom.set_xlabel("step")
@@ -344,7 +414,7 @@ def plot_precision(run: Run, name: str, path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small", loc="best")
     top.set_title(f"{name}: {run.method} {run.model}" + ("" if run.finished else " (unfinished)"))
-    return _save(fig, path)
+    return fig
 
 
 def choice_shares(run: Run) -> list[list[float]] | None:
@@ -432,11 +502,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workdirs = [w for w in args.workdirs if w.resolve() != out_dir.resolve()]
     if not args.workdirs:
         parser.error("no workdir left to report on")
+    runs = []
+    for workdir in args.workdirs:
+        try:
+            runs.append(load_run(workdir))
+        except (FileNotFoundError, ValueError) as err:
+            # A run that has not reached its first evaluation has nothing to show yet.
+            print(f"warning: skipping {workdir}: {err}", file=sys.stderr)
     try:
-        runs = [load_run(w) for w in args.workdirs]
         baseline = load_run(args.baseline) if args.baseline is not None else None
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: --baseline: {err}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: none of the workdirs has metrics yet", file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = [] if args.no_plots else plot_all(runs, out_dir)
