@@ -7,14 +7,13 @@ workdir resumes from its latest checkpoint.
 """
 
 import logging as pylogging
-import os
 import pathlib
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fractrain_jax import benchmark
+from fractrain_jax import platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.",
@@ -29,9 +28,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  benchmark.set_entry_point_flags()  # Before JAX starts its backend.
-  # TensorFlow only feeds data: keep it off the accelerators.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  platform.configure()  # Before JAX starts its backend.
   import jax  # pylint: disable=import-outside-toplevel
   from fractrain_jax import train  # pylint: disable=import-outside-toplevel
 

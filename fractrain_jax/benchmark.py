@@ -17,25 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Callable
 
-# XLA:CPU recomputes chains of cheap element-wise ops inside the transposes of
-# weight-gradient convs; this fusion mode measured 1.4-1.5x faster training steps.
-# Entry points set it; library code never does.
-_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+eltwise"
-
-
-def set_entry_point_flags() -> None:
-  """XLA and TensorFlow settings for a process started from the command line."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "ynn_fusion_type" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {_CPU_FLAG}".strip()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from fractrain_jax import platform
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:
   """Median wall time of fn() in seconds; fn must block until its result is ready."""
@@ -135,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-cpu-flags", action="store_true",
-                   help=f"do not set XLA_FLAGS={_CPU_FLAG}")
+                   help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   args = parser.parse_args(argv)
-  if not args.no_cpu_flags:
-    set_entry_point_flags()
+  platform.configure(cpu_flags=not args.no_cpu_flags)
   rows = bench_quant(args) if args.bench == "quant" else bench_step(args)
   for r in rows:
     if args.json:

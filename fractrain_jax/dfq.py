@@ -3,8 +3,6 @@
 Pure functions, safe under ``jit``: cp, targets, temperatures and steps may be
 traced. Rules, bit widths and other options are Python values (static).
 
-* ``gumbel_softmax_st`` / ``hard_argmax_st``: the gate's one-hot decision in
-  the forward pass with a straight-through gradient.
 * ``gumbel_tau``: the Gumbel-softmax temperature, annealed exponentially.
 * ``cost_sign`` / ``cost_loss``: the term ``sign * beta * cost`` that pushes
   the batch's steering cp towards its target (``cost`` is the batch's total,
@@ -103,32 +101,3 @@ def gumbel_tau(step: Scalar, total_iters: int, tau_start: float,
       init_value=float(tau_start), transition_steps=int(total_iters),
       decay_rate=float(tau_end) / float(tau_start), end_value=float(tau_end))
   return jnp.asarray(schedule(step), jnp.float32)
-
-
-def _straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
-  # soft - stop_gradient(soft) is exactly 0.0 in the forward pass, so the
-  # value is exactly the one-hot; the gradient is that of soft.
-  return hard + (soft - jax.lax.stop_gradient(soft))
-
-
-def gumbel_softmax_st(key: jax.Array, logits: jax.Array, tau: Scalar) -> jax.Array:
-  """Straight-through Gumbel-softmax over the last axis.
-
-  With ``g = jax.random.gumbel(key, logits.shape, logits.dtype)``: the forward
-  value is exactly ``one_hot(argmax(logits + g))`` (a sample of
-  ``softmax(logits)``); the gradient is that of ``softmax((logits + g) / tau)``.
-  """
-  _check_concrete("tau", tau, positive=True)
-  noisy = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
-  soft = jax.nn.softmax(noisy / tau, axis=-1)
-  hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), logits.shape[-1],
-                        dtype=soft.dtype)
-  return _straight_through(hard, soft)
-
-
-def hard_argmax_st(logits: jax.Array) -> jax.Array:
-  """The authors' gate: forward ``one_hot(argmax softmax(logits))``, gradient of the softmax."""
-  soft = jax.nn.softmax(logits, axis=-1)
-  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1],
-                        dtype=soft.dtype)
-  return _straight_through(hard, soft)

@@ -5,6 +5,9 @@ here; nothing is downloaded.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import chex
@@ -39,6 +42,19 @@ def _np_crop_flip(images, offsets, flips, pad):
 
 def _images(n, h=6, w=5, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Lazy TensorFlow import.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["fractrain_jax.data", "fractrain_jax.data.augment"])
+def test_import_does_not_import_tensorflow(module):
+  # A fresh interpreter: this one has imported TensorFlow already (tfds above).
+  code = f"import sys; import {module}; assert 'tensorflow' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parents[1])
 
 
 # ---------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def param_grads(model, fn, *args):
   return jax.grad(loss)(params)
 
 
-# Sampling functions (Gumbel and hard straight-through) are tested in test_dfq.py.
+# Sampling functions (Gumbel and hard straight-through): see the end of this file.
 
 
 # ------------------------------------------------------------------ the gate's LSTM
@@ -266,3 +266,74 @@ def test_changing_tau_does_not_recompile():
   # tau reaches the computation: the Gumbel-softmax gradient scales with 1 / tau.
   assert not np.allclose(grads[0], grads[1])
   assert not np.allclose(grads[1], grads[2])
+
+
+# ---- the samplers: one-hot forward, straight-through gradient ----
+
+LOGITS = jnp.asarray([[1.0, 0.0, -1.0, 0.5],
+                      [-2.0, 3.0, 0.1, 0.2],
+                      [0.3, 0.3, 0.2, -0.4]], jnp.float32)
+
+
+def test_gumbel_forward_is_exactly_one_hot_of_noisy_argmax():
+  key = jax.random.key(0)
+  mask = jax.jit(gate_lib.gumbel_softmax_st)(key, LOGITS, 0.7)
+  noise = jax.random.gumbel(key, LOGITS.shape, jnp.float32)
+  want = np.eye(4, dtype=np.float32)[np.argmax(np.asarray(LOGITS + noise), axis=-1)]
+  # Exact equality: the mask scales the candidates' quantized inputs.
+  np.testing.assert_array_equal(np.asarray(mask), want)
+
+
+def test_gumbel_argmax_frequencies_match_softmax():
+  # N samples per row; each class frequency is a binomial mean with standard
+  # error sqrt(p (1 - p) / N) <= 0.0035. Tolerance: 5 standard errors.
+  n = 20000
+  keys = jax.random.split(jax.random.key(1), n)
+  masks = jax.jit(jax.vmap(lambda k: gate_lib.gumbel_softmax_st(k, LOGITS, 1.0)))(keys)
+  freq = np.asarray(masks).mean(axis=0)
+  logits = np.asarray(LOGITS, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  tolerance = 5 * np.sqrt(p * (1 - p) / n)
+  assert np.all(np.abs(freq - p) <= tolerance), (freq, p)
+
+
+def softmax_jacobian_vjp(z, v, tau):
+  """v^T d softmax(z / tau) / dz, row by row, in float64 NumPy."""
+  s = np.exp((z - z.max(-1, keepdims=True)) / tau)
+  s /= s.sum(-1, keepdims=True)
+  out = np.empty_like(z)
+  for i in range(z.shape[0]):
+    jac = (np.diag(s[i]) - np.outer(s[i], s[i])) / tau  # symmetric
+    out[i] = jac @ v[i]
+  return out
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_gumbel_gradient_is_the_tempered_softmax_jacobian(tau):
+  key = jax.random.key(2)
+  v = np.asarray(jax.random.normal(jax.random.key(3), LOGITS.shape), np.float64)
+  _, vjp = jax.vjp(lambda l: gate_lib.gumbel_softmax_st(key, l, tau), LOGITS)
+  (got,) = vjp(jnp.asarray(v, jnp.float32))
+  noise = np.asarray(jax.random.gumbel(key, LOGITS.shape, jnp.float32), np.float64)
+  want = softmax_jacobian_vjp(np.asarray(LOGITS, np.float64) + noise, v, tau)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gumbel_accepts_traced_tau():
+  key = jax.random.key(4)
+  f = jax.jit(lambda l, t: jnp.sum(gate_lib.gumbel_softmax_st(key, l, t)[:, 0]))
+  g_fixed = jax.grad(lambda l: jnp.sum(gate_lib.gumbel_softmax_st(key, l, 0.8)[:, 0]))(LOGITS)
+  np.testing.assert_allclose(jax.grad(f)(LOGITS, jnp.float32(0.8)), g_fixed, rtol=1e-6)
+
+
+def test_hard_argmax_forward_and_gradient():
+  mask = jax.jit(gate_lib.hard_argmax_st)(LOGITS)
+  want = np.eye(4, dtype=np.float32)[np.argmax(np.asarray(LOGITS), axis=-1)]
+  np.testing.assert_array_equal(np.asarray(mask), want)
+  v = np.asarray(jax.random.normal(jax.random.key(5), LOGITS.shape), np.float64)
+  _, vjp = jax.vjp(gate_lib.hard_argmax_st, LOGITS)
+  (got,) = vjp(jnp.asarray(v, jnp.float32))
+  np.testing.assert_allclose(
+      got, softmax_jacobian_vjp(np.asarray(LOGITS, np.float64), v, 1.0),
+      rtol=1e-4, atol=1e-6)

@@ -196,7 +196,7 @@ def test_blend_forward_and_gradients_against_direct_sums():
 
 @pytest.mark.parametrize("widths", [(3, 4, 4, 6, 6), (0, 2, 8)])
 def test_one_hot_blend_is_the_full_blend_bit_for_bit(widths):
-  from fractrain_jax import dfq
+  from fractrain_jax.models import gate
   x = jax.random.normal(jax.random.key(12), (6, 5, 5, 3)) * 2.0
   k = len(widths)
   # The gate's own straight-through mask: exactly one-hot forward, soft gradient.
@@ -206,7 +206,7 @@ def test_one_hot_blend_is_the_full_blend_bit_for_bit(widths):
 
   def run(one_hot):
     def f(x, logits):
-      mask = dfq.gumbel_softmax_st(jax.random.key(15), logits, 0.7)
+      mask = gate.gumbel_softmax_st(jax.random.key(15), logits, 0.7)
       return quant.fake_quant_blend(x, mask, widths, lo=lo, hi=hi, one_hot=one_hot)
     out, vjp = jax.vjp(f, x, logits)
     return out, vjp(g)

@@ -17,13 +17,13 @@ The mask of a decision is exactly one-hot in the forward pass:
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fractrain_jax import dfq
 from fractrain_jax.layers import conv_init, dense_init
 from fractrain_jax.models.parts import global_avg_pool
 
@@ -37,6 +37,36 @@ LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carri
 
 def one_hot_argmax(logits: jax.Array) -> jax.Array:
   return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+
+
+def _straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+  # soft - stop_gradient(soft) is exactly 0.0 in the forward pass, so the
+  # value is exactly the one-hot; the gradient is that of soft.
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def gumbel_softmax_st(key: jax.Array, logits: jax.Array, tau: float | jax.Array) -> jax.Array:
+  """Straight-through Gumbel-softmax over the last axis.
+
+  With ``g = jax.random.gumbel(key, logits.shape, logits.dtype)``: the forward
+  value is exactly ``one_hot(argmax(logits + g))`` (a sample of
+  ``softmax(logits)``); the gradient is that of ``softmax((logits + g) / tau)``.
+  """
+  if isinstance(tau, numbers.Real) and not isinstance(tau, bool) and tau <= 0:
+    raise ValueError(f"tau={tau!r}; expected a number > 0")
+  noisy = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+  soft = jax.nn.softmax(noisy / tau, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), logits.shape[-1],
+                        dtype=soft.dtype)
+  return _straight_through(hard, soft)
+
+
+def hard_argmax_st(logits: jax.Array) -> jax.Array:
+  """The authors' gate: forward ``one_hot(argmax softmax(logits))``, gradient of the softmax."""
+  soft = jax.nn.softmax(logits, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1],
+                        dtype=soft.dtype)
+  return _straight_through(hard, soft)
 
 
 class GateHead(nnx.Module):
@@ -93,7 +123,7 @@ class Gate(nnx.Module):
     if self.deterministic:
       return one_hot_argmax(logits), state
     if self.sampler == "hard":
-      return dfq.hard_argmax_st(logits), state
+      return hard_argmax_st(logits), state
     if key is None:
       raise ValueError("the Gumbel gate needs a PRNG key in training mode")
-    return dfq.gumbel_softmax_st(key, logits, tau), state
+    return gumbel_softmax_st(key, logits, tau), state
