@@ -16,11 +16,12 @@ Speed targets are checked here, never in unit tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from fractrain_jax import platform
 
@@ -69,12 +70,50 @@ def bench_quant(args) -> list[dict]:
   return rows
 
 
+@dataclasses.dataclass
+class StepRunner:
+  """One method's Trainer with random CIFAR-shaped data on the device."""
+  trainer: Any
+  state: Any
+  batch: tuple[Any, Any]
+  precision: Any
+  target_cp: Any
+  tau: Any
+
+  @classmethod
+  def create(cls, method: str, *, model_name: str, batch_size: int, num_classes: int,
+             seed: int = 0, num_examples: int = 2048) -> "StepRunner":
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configs import default
+    from fractrain_jax import data, steps
+
+    config = default.get_config()
+    config.method = method
+    config.model.name = model_name
+    config.train.batch_size = batch_size
+    model = steps.create_model(config, num_classes, seed)
+    trainer = steps.Trainer(config, model, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
+    size = model.image_size
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (max(num_examples, 2 * batch_size), size, size, 3), np.uint8)
+    labels = rng.integers(0, num_classes, (len(images),), np.int32)
+    return cls(trainer=trainer, state=trainer.init_state(seed),
+               batch=trainer.put_replicated((images, labels)),
+               precision=steps.precision_for(config, 0), target_cp=jnp.float32(config.dfq.target_cp),
+               tau=jnp.float32(config.dfq.tau_start))
+
+  def step(self):
+    fn = self.trainer.train_step(self.precision)
+    self.state, metrics = fn(self.state, self.batch, self.target_cp, self.tau)
+    return metrics
+
+
 def bench_step(args) -> list[dict]:
   import jax
 
-  from fractrain_jax import steps
-
-  runners = {method: steps.StepRunner.for_benchmark(
+  runners = {method: StepRunner.create(
       method, model_name=args.model, batch_size=args.batch_size,
       num_classes=args.num_classes, seed=0) for method in args.methods}
   for runner in runners.values():  # Compile, then warm up.

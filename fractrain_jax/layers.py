@@ -10,13 +10,23 @@ two gradient products. Its precision comes as one of:
   The K candidate quantizations of the input share one range and are blended
   by the mask, so one conv runs and the gate gets a gradient through the
   blend; the output gradient is quantized per sample at the chosen ``g``.
+
+Every quantized layer (and the classifier, a ``Dense``) is built with a
+*role*, the name of what sets its precision (see ``models/parts.py``). While
+``recording_costs()`` is active, each call sows one ``CostRecord``: its
+forward MACs per sample, computed from the shapes it actually sees, and its
+role. ``models/capture.py`` collects these into a model's cost table (SPEC
+section 2), so no model restates its layer layout for the accounting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import itertools
 import math
-from typing import Sequence, Union
+from typing import Iterator, Union
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +65,49 @@ class GatedBits:
 
 Precision = Union[None, StaticBits, GatedBits]
 
+# Layer roles: what sets a layer's precision (models/parts.py routes precisions by them).
+OUTER = "outer"            # Outside the residual blocks: stem, MobileNetV2's last 1x1 conv.
+BRANCH = "branch"          # A block's residual branch: what DFQ gates.
+SHORTCUT = "shortcut"      # 1x1 projection shortcuts.
+DEPTHWISE = "depthwise"    # MobileNetV2's depthwise convs, held at (8, 16, 8).
+CLASSIFIER = "classifier"  # The final dense layer, always full precision.
+ROLES = (OUTER, BRANCH, SHORTCUT, DEPTHWISE, CLASSIFIER)
+
+
+def check_role(role: str) -> str:
+  if role not in ROLES:
+    raise ValueError(f"role={role!r}; expected one of {ROLES}")
+  return role
+
+
+class CostRecord(nnx.Intermediate):
+  """What a layer call sows for the cost tables: ``(call index, MACs per sample, role)``."""
+
+
+# The call counter of the active ``recording_costs()``, None outside one. Recording
+# hangs on this flag, not on ``sow`` alone: outside ``nnx.capture`` a sow would store a
+# Variable in the module, and from there in every state split and checkpoint.
+_COST_CALLS: contextvars.ContextVar[Iterator[int] | None] = contextvars.ContextVar(
+    "fractrain_cost_calls", default=None)
+
+
+@contextlib.contextmanager
+def recording_costs():
+  """Makes every layer call inside sow a ``CostRecord``; run it under ``nnx.capture``."""
+  token = _COST_CALLS.set(itertools.count())
+  try:
+    yield
+  finally:
+    _COST_CALLS.reset(token)
+
+
+def record_cost(module: nnx.Module, macs: int, role: str) -> None:
+  """Sows ``module``'s MACs and role while costs are recorded; does nothing otherwise."""
+  calls = _COST_CALLS.get()
+  if calls is not None:
+    # The call index keeps the order of the forward pass (captured state is sorted by path).
+    module.sow(CostRecord, "cost", (next(calls), int(macs), role))
+
 
 def conv_init(kernel_size: int, out_features: int):
   """SPEC section 6: N(0, sqrt(2 / (k * k * out_channels)))."""
@@ -66,12 +119,30 @@ def dense_init(in_features: int, out_features: int):
   return nnx.initializers.normal(math.sqrt(2.0 / (in_features * out_features)))
 
 
+class Dense(nnx.Linear):
+  """``nnx.Linear`` (same parameters and state paths) that reports itself to the cost tables."""
+
+  def __init__(self, in_features: int, out_features: int, *, role: str = CLASSIFIER,
+               **kwargs):
+    super().__init__(in_features, out_features, **kwargs)
+    self.role = check_role(role)
+
+  def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
+    y = super().__call__(inputs, *args, **kwargs)
+    # Per sample: every position along the axes between batch and features counts.
+    record_cost(self, math.prod(inputs.shape[1:]) * self.out_features, self.role)
+    return y
+
+
 class QConv(nnx.Module):
-  """A 2-D convolution (NHWC, HWIO, no bias) with FracTrain's three quantizers."""
+  """A 2-D convolution (NHWC, HWIO, no bias) with FracTrain's three quantizers.
+
+  role: what sets this conv's precision (``ROLES``), reported to the cost tables.
+  """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
                strides: int = 1, padding: int | None = None, feature_group_count: int = 1,
-               act_momentum: float = 0.9, rngs: nnx.Rngs):
+               act_momentum: float = 0.9, role: str = BRANCH, rngs: nnx.Rngs):
     if in_features % feature_group_count or out_features % feature_group_count:
       raise ValueError(
           f"feature_group_count={feature_group_count} must divide in_features={in_features} "
@@ -84,22 +155,13 @@ class QConv(nnx.Module):
     self.padding = kernel_size // 2 if padding is None else padding
     self.feature_group_count = feature_group_count
     self.act_momentum = act_momentum
+    self.role = check_role(role)
     shape = (kernel_size, kernel_size, in_features // feature_group_count, out_features)
     self.kernel = nnx.Param(conv_init(kernel_size, out_features)(rngs.params(), shape))
     # Eval-time input range: running averages of lo and (hi - lo) (SPEC section 1).
     self.act_lo = nnx.BatchStat(jnp.zeros((), jnp.float32))
     self.act_range = nnx.BatchStat(jnp.zeros((), jnp.float32))
     self.use_running_average = False
-
-  def out_hw(self, in_hw: Sequence[int]) -> tuple[int, int]:
-    k, s, p = self.kernel_size, self.strides, self.padding
-    return tuple((n + 2 * p - k) // s + 1 for n in in_hw)
-
-  def macs(self, in_hw: Sequence[int]) -> int:
-    """Forward multiply-accumulates per sample for an input of spatial size ``in_hw``."""
-    oh, ow = self.out_hw(in_hw)
-    per_output = self.kernel_size**2 * (self.in_features // self.feature_group_count)
-    return oh * ow * per_output * self.out_features
 
   def _input_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.use_running_average:
@@ -133,6 +195,9 @@ class QConv(nnx.Module):
         x, kernel, window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.feature_group_count)
+    _, oh, ow, _ = y.shape
+    per_output = self.kernel_size**2 * (self.in_features // self.feature_group_count)
+    record_cost(self, oh * ow * per_output * self.out_features, self.role)
     if bits is None or self.use_running_average:
       return y  # Evaluation has no backward pass to quantize.
     g = bits.g if isinstance(bits, StaticBits) else bits.per_sample_g()

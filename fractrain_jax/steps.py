@@ -4,9 +4,16 @@ One ``Trainer`` per run owns the model's graph definitions, its per-layer MAC
 table, the optimizer and the device mesh. Its train step is one jitted pure
 function with the state donated and explicit shardings (batch split over the
 1-D ``data`` mesh axis, everything else replicated), so the same code runs on
-one device or many. The static precision (fp32, static, PFQ) is a static
-argument: the step compiles once per PFQ stage. DFQ's target cp and the Gumbel
-temperature are traced: changing them never recompiles.
+one device or many. The step's ``Precision`` (fp32, static bits, a PFQ stage,
+or gated) is a static argument: the step compiles once per PFQ stage. DFQ's
+target cp and the Gumbel temperature are traced: changing them never
+recompiles.
+
+Both kinds of data reach the step the same way, as an ``(images, labels)``
+batch. Data held on the device (CIFAR-sized) hands every step the whole
+training set, and the step itself gathers its batch and augments it (so the
+order is a pure function of the key and the step); streamed data (ImageNet)
+hands a batch the host pipeline already augmented.
 """
 
 from __future__ import annotations
@@ -24,10 +31,55 @@ from flax import nnx
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fractrain_jax import cost, data, dfq, models, optim
+from fractrain_jax import cost, data, dfq, models, optim, quant
 
-METHODS = ("fp32", "static", "pfq", "dfq", "frac")
 GATED_METHODS = ("dfq", "frac")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """What one train or eval step runs at: frozen and hashable, a static argument of the step.
+
+  bits: a plain model's (b_a, b_g) (weights at b_a, SPEC section 1); None is
+    full precision (FP32, or a gated model's full-precision fine-tuning).
+  gated: the gate picks each block's precision per sample (DFQ, FracTrain).
+  """
+  bits: tuple[int, int] | None = None
+  gated: bool = False
+
+  def __post_init__(self):
+    if self.gated and self.bits is not None:
+      raise ValueError(f"Precision(bits={self.bits}, gated=True): the gate picks the bits")
+    if self.bits is not None:
+      if not (isinstance(self.bits, tuple) and len(self.bits) == 2):
+        raise ValueError(f"Precision.bits={self.bits!r}; expected None or a pair (b_a, b_g)")
+      for b in self.bits:
+        quant.check_bits(b, "Precision.bits")
+
+  @property
+  def full(self) -> bool:
+    return self.bits is None and not self.gated
+
+  def __str__(self) -> str:
+    if self.gated:
+      return "gated"
+    return "fp32" if self.bits is None else f"{self.bits[0]}/{self.bits[1]} bits"
+
+
+FP32 = Precision()
+GATED = Precision(gated=True)
+
+
+def precision_for(config: ml_collections.ConfigDict, stage: int, phase: str = "train") -> Precision:
+  """The precision of a step: the method's, PFQ's at ``stage``, FP32 in fine-tuning."""
+  method = config.method
+  if phase == "finetune" or method == "fp32":
+    return FP32
+  if method == "static":
+    return Precision((int(config.quant.fw_bits), int(config.quant.bw_bits)))
+  if method == "pfq":
+    return Precision((int(config.pfq.fw_schedule[stage]), int(config.pfq.bw_schedule[stage])))
+  return GATED
 
 
 @struct.dataclass
@@ -75,13 +127,19 @@ def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> lis
 
 
 class Trainer:
-  """Builds and runs the steps of one method for one model and mesh."""
+  """Builds and runs the steps of one method for one model and mesh.
+
+  data_on_device: the train step receives the whole training set (uint8) and
+    gathers and augments its own batch; otherwise it receives a batch that is
+    already augmented and normalized (the ImageNet stream).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
-               mean, std, mesh: jax.sharding.Mesh | None = None):
+               mean, std, data_on_device: bool = True, mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.method = config.method
     self.gated = is_gated(self.method)
+    self.data_on_device = data_on_device
     self.mean, self.std = tuple(mean), tuple(std)
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
@@ -99,9 +157,8 @@ class Trainer:
       # w_l of the steering cp: the authors' accounting, gated blocks only.
       self.block_weights = cost.block_weights(self.layers, config.dfq.cost_weighting)
     self.tx = optim.make_optimizer(config.optim, config.train.iters + config.train.finetune_iters)
-    self.trace_counts: dict[Any, int] = {}
-    self._train_steps: dict[Any, Any] = {}
-    self._eval_steps: dict[Any, Any] = {}
+    self._train_steps: dict[Precision, Any] = {}
+    self._eval_steps: dict[Precision, Any] = {}
 
   # ---- state ----
 
@@ -118,14 +175,19 @@ class Trainer:
   def put_replicated(self, tree):
     return jax.device_put(tree, self.replicated)
 
+  @property
+  def data_sharding(self) -> NamedSharding:
+    """Where a train batch lives: the whole on-device set replicated, a streamed batch split."""
+    return self.replicated if self.data_on_device else self.batch_sharding
+
   # ---- the loss ----
 
-  def _loss(self, params, rest, x, y, key, bits, target_cp, tau, graphdef):
+  def _loss(self, params, rest, x, y, key, precision: Precision, target_cp, tau, graphdef):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    if self.gated and bits != "fp":
+    if precision.gated:
       logits, step_cost, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
     else:
-      logits, step_cost, cost_term, metrics = self._plain_forward(model, x, key, bits, tau)
+      logits, step_cost, cost_term, metrics = self._plain_forward(model, x, key, precision, tau)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     model_cp = cost.cp(step_cost, self.layers)
     metrics.update(ce=ce, cost_term=cost_term, correct=jnp.sum(jnp.argmax(logits, -1) == y),
@@ -150,14 +212,13 @@ class Trainer:
     metrics = {"choice": masks.mean(axis=1), "steer_cp": steer_cp, "paper_cp": steer_cp}
     return logits, step_cost, cost_term, metrics
 
-  def _plain_forward(self, model, x, key, bits, tau):
+  def _plain_forward(self, model, x, key, precision: Precision, tau):
     """One precision for the whole step: fp32, static, a PFQ stage, or fine-tuning."""
-    static = None if bits == "fp" else bits
     if self.gated:  # Full-precision fine-tuning of a gated model.
       logits, _ = model(x, key=key, tau=tau, full_precision=True)
     else:
-      logits = model(x, static, key=key)
-    step_cost = cost.static_cost(self.layers, static)
+      logits = model(x, precision.bits, key=key)
+    step_cost = cost.static_cost(self.layers, precision.bits)
     return logits, cost.Cost(*(jnp.float32(c) for c in step_cost)), jnp.float32(0.0), {}
 
   # ---- train step ----
@@ -168,9 +229,18 @@ class Trainer:
     aug_key, model_key = jax.random.split(jax.random.fold_in(step_root, state.step))
     return order_key, aug_key, model_key
 
-  def _apply_grads(self, state, x, y, model_key, bits, target_cp, tau):
+  def _train_step(self, state, batch, target_cp, tau, *, precision: Precision):
+    """One SGD step on ``batch`` at ``precision``; returns the new state and the step's metrics."""
+    order_key, aug_key, model_key = self._step_keys(state)
+    images, labels = batch
+    if self.data_on_device:  # The whole set: pick this step's batch and augment it here.
+      idx = data.batch_indices(order_key, state.step, images.shape[0], self.config.train.batch_size)
+      images = data.augment(aug_key, images[idx], self.mean, self.std)
+      labels = labels[idx]
+    x = jax.lax.with_sharding_constraint(images, self.batch_sharding)
+    y = jax.lax.with_sharding_constraint(labels, self.batch_sharding)
     grad_fn = jax.grad(self._loss, has_aux=True)
-    grads, (metrics, rest) = grad_fn(state.params, state.rest, x, y, model_key, bits,
+    grads, (metrics, rest) = grad_fn(state.params, state.rest, x, y, model_key, precision,
                                      target_cp, tau, self.train_graphdef)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -178,63 +248,42 @@ class Trainer:
     metrics["lr"] = optim.current_lr(opt_state)
     return new_state, metrics
 
-  def _array_step(self, state, images, labels, target_cp, tau, *, bits):
-    """A step on data held on the device: pick, augment, update."""
-    self.trace_counts[("train", bits)] = self.trace_counts.get(("train", bits), 0) + 1
-    order_key, aug_key, model_key = self._step_keys(state)
-    bs = self.config.train.batch_size
-    idx = data.batch_indices(order_key, state.step, images.shape[0], bs)
-    x = data.augment(aug_key, images[idx], self.mean, self.std)
-    x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
-    y = jax.lax.with_sharding_constraint(labels[idx], self.batch_sharding)
-    return self._apply_grads(state, x, y, model_key, bits, target_cp, tau)
-
-  def _batch_step(self, state, x, y, target_cp, tau, *, bits):
-    """A step on a batch that the host pipeline already augmented (ImageNet)."""
-    self.trace_counts[("train", bits)] = self.trace_counts.get(("train", bits), 0) + 1
-    _, _, model_key = self._step_keys(state)
-    return self._apply_grads(state, x, y, model_key, bits, target_cp, tau)
-
-  def train_step(self, bits, *, streamed: bool = False):
-    """The jitted step for one precision (compiled once per distinct ``bits``)."""
-    cache_key = (bits, streamed)
-    if cache_key not in self._train_steps:
-      fn = self._batch_step if streamed else self._array_step
-      data_sharding = self.batch_sharding if streamed else self.replicated
-      r = self.replicated
-      self._train_steps[cache_key] = jax.jit(
-          functools.partial(fn, bits=bits),
-          in_shardings=(r, data_sharding, data_sharding, r, r),
-          out_shardings=(r, r), donate_argnums=(0,))
-    return self._train_steps[cache_key]
+  def train_step(self, precision: Precision):
+    """The jitted step for one precision (compiled once per distinct ``precision``)."""
+    if precision not in self._train_steps:
+      r, d = self.replicated, self.data_sharding
+      self._train_steps[precision] = jax.jit(
+          functools.partial(self._train_step, precision=precision),
+          in_shardings=(r, (d, d), r, r), out_shardings=(r, r), donate_argnums=(0,))
+    return self._train_steps[precision]
 
   # ---- eval ----
 
-  def _eval(self, state, images, labels, valid, *, bits, preprocessed):
+  def _eval(self, state, images, labels, valid, *, precision: Precision):
     model = nnx.merge(self.eval_graphdef, state.params, state.rest, copy=True)
-    x = images if preprocessed else data.normalize(images, self.mean, self.std)
+    # On-device data is stored as uint8; the stream's test batches come normalized.
+    x = data.normalize(images, self.mean, self.std) if self.data_on_device else images
     x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
     if self.gated:
-      logits, masks = model(x, full_precision=True) if bits == "fp" else model(x)
+      logits, _ = model(x, full_precision=precision.full)
     else:
-      logits = model(x, None if bits == "fp" else bits)
+      logits = model(x, precision.bits)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)), "correct": jnp.sum(correct),
             "count": jnp.sum(valid)}
 
-  def eval_step(self, bits, *, preprocessed: bool = False):
-    cache_key = (bits, preprocessed)
-    if cache_key not in self._eval_steps:
+  def eval_step(self, precision: Precision):
+    if precision not in self._eval_steps:
       b, r = self.batch_sharding, self.replicated
-      self._eval_steps[cache_key] = jax.jit(
-          functools.partial(self._eval, bits=bits, preprocessed=preprocessed),
+      self._eval_steps[precision] = jax.jit(
+          functools.partial(self._eval, precision=precision),
           in_shardings=(r, b, b, b), out_shardings=r)
-    return self._eval_steps[cache_key]
+    return self._eval_steps[precision]
 
-  def evaluate(self, state, batches, bits, *, preprocessed: bool = False) -> dict[str, float]:
+  def evaluate(self, state, batches, precision: Precision) -> dict[str, float]:
     """Test loss and accuracy (%) over ``(images, labels, valid)`` batches of one shape."""
-    step = self.eval_step(bits, preprocessed=preprocessed)
+    step = self.eval_step(precision)
     put = lambda a: jax.device_put(a, self.batch_sharding)
     totals = None
     for x, y, valid in batches:
@@ -244,66 +293,3 @@ class Trainer:
     n = max(int(totals["count"]), 1)
     return {"test_loss": float(totals["loss_sum"]) / n,
             "test_acc": 100.0 * float(totals["correct"]) / n}
-
-
-def padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-  """Fixed-size batches with a validity mask: every batch has one shape, so one compile."""
-  for start in range(0, len(images), batch_size):
-    xb, yb = images[start:start + batch_size], labels[start:start + batch_size]
-    valid = np.arange(batch_size) < len(xb)
-    pad = batch_size - len(xb)
-    if pad:
-      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-      yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-    yield xb, yb, valid
-
-
-def precision_for(config: ml_collections.ConfigDict, stage: int, phase: str = "train"):
-  """The static precision argument of the train step: None, "fp" or (b_a, b_g)."""
-  method = config.method
-  if phase == "finetune":
-    return "fp"
-  if method == "fp32":
-    return "fp"
-  if method == "static":
-    return (int(config.quant.fw_bits), int(config.quant.bw_bits))
-  if method == "pfq":
-    return (int(config.pfq.fw_schedule[stage]), int(config.pfq.bw_schedule[stage]))
-  return None  # Gated: the gate decides, the target cp is traced.
-
-
-@dataclasses.dataclass
-class StepRunner:
-  """A Trainer with random CIFAR-shaped data on the device, for benchmarks."""
-  trainer: Trainer
-  state: TrainState
-  images: jax.Array
-  labels: jax.Array
-  bits: Any
-  target_cp: jax.Array
-  tau: jax.Array
-
-  @classmethod
-  def for_benchmark(cls, method: str, *, model_name: str, batch_size: int, num_classes: int,
-                    seed: int = 0, num_examples: int = 2048) -> "StepRunner":
-    from configs import default  # pylint: disable=import-outside-toplevel
-
-    config = default.get_config()
-    config.method = method
-    config.model.name = model_name
-    config.train.batch_size = batch_size
-    model = create_model(config, num_classes, seed)
-    trainer = Trainer(config, model, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
-    size = model.image_size
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (max(num_examples, 2 * batch_size), size, size, 3), np.uint8)
-    labels = rng.integers(0, num_classes, (len(images),), np.int32)
-    return cls(trainer=trainer, state=trainer.init_state(seed),
-               images=trainer.put_replicated(images), labels=trainer.put_replicated(labels),
-               bits=precision_for(config, 0), target_cp=jnp.float32(config.dfq.target_cp),
-               tau=jnp.float32(config.dfq.tau_start))
-
-  def step(self):
-    fn = self.trainer.train_step(self.bits)
-    self.state, metrics = fn(self.state, self.images, self.labels, self.target_cp, self.tau)
-    return metrics

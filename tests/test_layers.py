@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from fractrain_jax import quant
-from fractrain_jax.layers import GatedBits, QConv, StaticBits
+from fractrain_jax.layers import (CLASSIFIER, DEPTHWISE, SHORTCUT, Dense, GatedBits, QConv,
+                                  StaticBits)
+from fractrain_jax.models.capture import capture_records
 
 
 def plain_conv(x, w, stride=1, pad=1):
@@ -96,10 +98,22 @@ def test_gated_blend_equals_each_samples_static_precision():
       np.testing.assert_allclose(dmask[n, j], want, rtol=1e-3, atol=1e-3)
 
 
-def test_macs_from_shapes():
-  assert QConv(16, 32, 3, strides=2, rngs=nnx.Rngs(0)).macs((32, 32)) == 16 * 16 * 9 * 16 * 32
-  dw = QConv(8, 8, 3, feature_group_count=8, rngs=nnx.Rngs(0))
-  assert dw.macs((10, 10)) == 10 * 10 * 9 * 8
+def test_macs_captured_from_the_input_shape():
+  forward = lambda m, x: m(x)
+  conv = QConv(16, 32, 3, strides=2, role=SHORTCUT, rngs=nnx.Rngs(0))
+  assert capture_records(conv, forward, (1, 32, 32, 16)) == [((), 16 * 16 * 9 * 16 * 32,
+                                                              SHORTCUT)]
+  dw = QConv(8, 8, 3, feature_group_count=8, role=DEPTHWISE, rngs=nnx.Rngs(0))
+  assert capture_records(dw, forward, (1, 10, 10, 8)) == [((), 10 * 10 * 9 * 8, DEPTHWISE)]
+  fc = Dense(20, 7, rngs=nnx.Rngs(0))
+  assert capture_records(fc, forward, (1, 20)) == [((), 20 * 7, CLASSIFIER)]
+  # Per sample: positions between batch and features count (a dense over a sequence).
+  assert capture_records(fc, forward, (3, 5, 20)) == [((), 5 * 20 * 7, CLASSIFIER)]
+
+
+def test_unknown_role_is_refused():
+  with pytest.raises(ValueError, match="role='bogus'"):
+    QConv(2, 2, 1, role="bogus", rngs=nnx.Rngs(0))
 
 
 def test_training_step_without_key_is_refused():

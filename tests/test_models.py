@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import chex
 import jax
@@ -17,7 +18,10 @@ import pytest
 from flax import nnx
 
 from fractrain_jax import models
-from fractrain_jax.layers import GatedBits, QConv, StaticBits
+from fractrain_jax.cost import LayerMACs
+from fractrain_jax.layers import (BRANCH, DEPTHWISE, OUTER, SHORTCUT, CostRecord, Dense, GatedBits,
+                                  QConv, StaticBits)
+from fractrain_jax.models.capture import capture_layer_macs
 
 BACKBONES = ("resnet8", "resnet20", "resnet38", "resnet74", "resnet110", "resnet152", "mobilenet_v2",
              "resnet18", "resnet34", "resnet50")
@@ -295,6 +299,79 @@ def _traced_macs(model, size: int) -> list[int]:
 def test_layer_macs_match_the_traced_graph(name):
   model = abstract(name)
   assert [l.macs for l in model.layer_macs()] == _traced_macs(model, model.image_size)
+
+
+class _TinyBlock(nnx.Module):
+  def __init__(self, in_features: int, *, strides: int, rngs: nnx.Rngs):
+    out = 2 * in_features
+    self.branch = QConv(in_features, out, 3, strides=strides, role=BRANCH, rngs=rngs)
+    self.shortcut = QConv(in_features, out, 1, strides=strides, role=SHORTCUT, rngs=rngs)
+
+  def __call__(self, x):
+    return self.branch(x) + self.shortcut(x)
+
+
+class _TinyNet(nnx.Module):
+  """Not a registry model and no cost code of its own; attribute order is not call order."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.stem = QConv(3, 4, 3, role=OUTER, rngs=rngs)
+    self.blocks = nnx.List([_TinyBlock(4, strides=2, rngs=rngs),
+                            _TinyBlock(8, strides=1, rngs=rngs)])
+    self.dw = QConv(16, 16, 3, feature_group_count=16, role=DEPTHWISE, rngs=rngs)
+    self.fc = Dense(16, 5, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.stem(x)
+    for block in self.blocks:
+      h = block(h)
+    return self.fc(jnp.mean(self.dw(h), axis=(1, 2)))
+
+
+def test_custom_module_gets_its_cost_table_by_capture():
+  net = _TinyNet(nnx.Rngs(0))
+  # By hand, 12x12 input: stem 12x12 (pad 1), both blocks at 6x6 after block 0's stride 2.
+  # (name, MACs, plain kind, gated kind, gated block)
+  want = [("stem", 12 * 12 * 9 * 3 * 4, "static", "fp", -1),
+          ("blocks.0.branch", 6 * 6 * 9 * 4 * 8, "static", "gated", 0),
+          ("blocks.0.shortcut", 6 * 6 * 1 * 4 * 8, "static", "fp", -1),
+          ("blocks.1.branch", 6 * 6 * 9 * 8 * 16, "static", "gated", 1),
+          ("blocks.1.shortcut", 6 * 6 * 1 * 8 * 16, "static", "fp", -1),
+          ("dw", 6 * 6 * 9 * 1 * 16, "fixed", "fixed", -1),
+          ("fc", 16 * 5, "fp", "fp", -1)]
+  fixed = lambda kind: (8, 16, 8) if kind == "fixed" else None
+  forward = lambda m, x: m(x)
+  plain = capture_layer_macs(net, forward, (1, 12, 12, 3))
+  assert plain == [LayerMACs(name, macs, kind, fixed=fixed(kind))
+                   for name, macs, kind, _, _ in want]
+  gated = capture_layer_macs(net, forward, (1, 12, 12, 3), gated=True)
+  assert gated == [LayerMACs(name, macs, kind, block=block, fixed=fixed(kind))
+                   for name, macs, _, kind, block in want]
+
+
+def _has_cost_records(tree) -> bool:
+  leaves = jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return any(isinstance(v, (CostRecord, nnx.Intermediate)) for v in leaves)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "gated_resnet8"])
+def test_capture_leaves_no_state_behind(name):
+  model = models.create(name, num_classes=10, rngs=nnx.Rngs(0))
+  before = jax.tree.structure(nnx.state(model))
+  assert model.layer_macs()
+  _, params, rest = nnx.split(model, nnx.Param, ...)  # The train step's split.
+  assert not _has_cost_records(params) and not _has_cost_records(rest)
+  assert jax.tree.structure(nnx.state(model)) == before
+  assert not any(hasattr(m, "__captures__") for _, m in nnx.iter_modules(model))
+
+
+def test_ordinary_forward_records_nothing():
+  model = models.create("resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  before = jax.tree.structure(nnx.state(model))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # A sow outside nnx.capture warns (and stores).
+    model(images(2, 8), (4, 8), key=jax.random.key(0))
+  assert jax.tree.structure(nnx.state(model)) == before
 
 
 # ------------------------------------------------------------------ precision routing

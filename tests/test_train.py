@@ -65,8 +65,8 @@ def final_params(config, workdir):
   """The parameters of the workdir's latest checkpoint, as NumPy."""
   model = steps.create_model(config, 10, config.seed)
   trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
-  state, meta = train._Run(config, pathlib.Path(workdir)).restore(trainer.abstract_state())
-  return jax.device_get(state.params), meta
+  state, run = train.Checkpoints(pathlib.Path(workdir), 3).restore(trainer.abstract_state())
+  return jax.device_get(state.params), run
 
 
 @pytest.mark.parametrize("method", ["fp32", "static", "pfq", "dfq", "frac"])
@@ -124,7 +124,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
   if how == "stop_at":
     stopped = run_mock(config, split, stop_at=3)
   else:  # Ctrl-C while step 3 runs: the loop finishes it, saves, and stops.
-    add = train._Interval.add
+    add = train.Interval.add
     calls = []
 
     def add_then_interrupt(self, metrics):
@@ -133,7 +133,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
       if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train._Interval, "add", add_then_interrupt)
+    monkeypatch.setattr(train.Interval, "add", add_then_interrupt)
     stopped = run_mock(config, split)
     monkeypatch.undo()
   assert stopped == {"stopped_at": 3}
@@ -148,7 +148,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
     for k in ("train_loss", "train_acc", "test_loss", "test_acc", "steer_cp", "model_cp",
               "cost", "cost_paper", "lr"):
       assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), k
-  assert m1["indicator"] == m2["indicator"]
+  assert m1.indicator == m2.indicator
 
 
 @pytest.mark.parametrize("method,rtol", [
@@ -174,25 +174,17 @@ def test_two_devices_give_the_result_of_one(tmp_path, method, rtol):
 
 
 def test_pfq_compiles_once_per_stage(tmp_path, monkeypatch):
-  trainers = []
-  init = steps.Trainer.__init__
-
-  def recording_init(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    trainers.append(self)
-
-  monkeypatch.setattr(steps.Trainer, "__init__", recording_init)
+  # Four stages: four traces of the train step, none more (chex raises on a fifth).
+  monkeypatch.setattr(steps.Trainer, "_train_step",
+                      chex.assert_max_traces(steps.Trainer._train_step, n=4))
   # A two-epoch window and a huge threshold: a turning point every two epochs.
   config = tiny_config("pfq", **{"train.iters": 8, "train.eval_every": 1, "pfq.window": 2,
                                  "pfq.eps": 1e6})
   summary = run_mock(config, tmp_path)
   assert summary["turning_points"] == [2, 4, 6]
-  stages = [l["stage"] for l in read_metrics(tmp_path)]
-  assert stages == [0, 0, 1, 1, 2, 2, 3, 3]
-  (trainer,) = trainers
-  train_traces = {k: v for k, v in trainer.trace_counts.items() if k[0] == "train"}
-  assert train_traces == {("train", (3, 6)): 1, ("train", (4, 6)): 1, ("train", (6, 8)): 1,
-                          ("train", (8, 8)): 1}
+  lines = read_metrics(tmp_path)
+  assert [l["stage"] for l in lines] == [0, 0, 1, 1, 2, 2, 3, 3]
+  assert [(l["fw_bits"], l["bw_bits"]) for l in lines[::2]] == [(3, 6), (4, 6), (6, 8), (8, 8)]
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
@@ -290,8 +282,8 @@ def test_step_cost_term_is_the_authors_batch_total(weighting, target, sign):
   trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
   params, rest = trainer._init
   key = jax.random.key(1)
-  loss, (metrics, _) = trainer._loss(params, rest, x, y, key, None, jax.numpy.float32(target),
-                                     1.0, trainer.train_graphdef)
+  loss, (metrics, _) = trainer._loss(params, rest, x, y, key, steps.GATED,
+                                     jax.numpy.float32(target), 1.0, trainer.train_graphdef)
   # The same forward pass again, for the gate's per-sample choices.
   _, masks = nnx.merge(trainer.train_graphdef, params, rest, copy=True)(x, key=key, tau=1.0)
   choice = np.argmax(np.asarray(masks), axis=-1)  # (blocks, batch)

@@ -10,7 +10,7 @@ and augments its batches on the device (:mod:`fractrain_jax.data.augment`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,26 @@ class ArrayData:
   @property
   def num_test(self) -> int:
     return int(self.test_labels.shape[0])
+
+  def test_batches(self, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """All test examples in order as `(images, labels, valid)` batches of `batch_size`.
+
+    The last batch is padded (zero images, label 0) so that every batch has one
+    shape, so one compile; `valid` marks the real examples. The same contract
+    as `StreamData.test_batches`.
+    """
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1")
+    images, labels = self.test_images, self.test_labels
+    for start in range(0, len(images), batch_size):
+      xb, yb = images[start:start + batch_size], labels[start:start + batch_size]
+      valid = np.arange(batch_size) < len(xb)
+      pad = batch_size - len(xb)
+      if pad:
+        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+      yield xb, yb, valid
 
 
 def subset_indices(labels: np.ndarray, size: int,

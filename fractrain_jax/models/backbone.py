@@ -6,6 +6,8 @@ its parts. The plain call ``model(x, bits)`` runs the static or PFQ precision
 of SPEC section 1. ``model.forward(x, plan)`` runs any ``Plan``, e.g. a
 different static precision per block with full-precision stem and shortcuts,
 which is what a gated model computes once its gate has chosen.
+``model.layer_macs()`` is captured from one abstract forward pass
+(``capture.py``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,25 @@ from flax import nnx
 
 from fractrain_jax import cost
 from fractrain_jax.layers import Precision, StaticBits
-from fractrain_jax.models.parts import (BRANCH, CLASSIFIER, DEPTHWISE, DEPTHWISE_BITS, OUTER,
-                                        SHORTCUT, BlockBits, Head, Stem, layer_key)
+from fractrain_jax.models.capture import Path, capture_layer_macs, path_name
+from fractrain_jax.models.parts import DEPTHWISE_BITS, BlockBits, Head, Stem, layer_key
 
-# Cost kind of each role (cost.LayerMACs.kind), in the plain and in the gated models.
-PLAIN_KINDS = {OUTER: "static", BRANCH: "static", SHORTCUT: "static", DEPTHWISE: "fixed",
-               CLASSIFIER: "fp"}
-GATED_KINDS = {OUTER: "fp", BRANCH: "gated", SHORTCUT: "fp", DEPTHWISE: "fixed",
-               CLASSIFIER: "fp"}
+# The cost tables' names for the layers outside the blocks (kept from before they were
+# captured, so tables and tests read as they always have).
+SHORT_NAMES = {"head": "head_conv", "head.classifier": "classifier"}
+
+
+def layer_name(path: Path) -> str:
+  """A layer's cost-table name from its path: ``blocks.3.conv1.conv`` -> ``blocks.3.conv1``.
+
+  A ConvBN's conv goes by the ConvBN's name, the stem's and head's single
+  ConvBN by its part's (``stem.conv_bn.conv`` -> ``stem``, then ``SHORT_NAMES``).
+  """
+  path = tuple(p for p in path if p != "conv_bn")
+  if path and path[-1] == "conv":
+    path = path[:-1]
+  name = path_name(path)
+  return SHORT_NAMES.get(name, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,21 +122,7 @@ class Backbone(nnx.Module):
     gated: label the layers as a gated model runs them (branch convs "gated"
     with their block index; stem, shortcuts and head "fp").
     """
-    kinds = GATED_KINDS if gated else PLAIN_KINDS
-    sites, hw = self.stem.sites((self.image_size, self.image_size))
-    owner = [-1] * len(sites)
-    for index, block in enumerate(self.blocks):
-      block_sites, hw = block.sites(f"blocks.{index}", hw)
-      sites += block_sites
-      owner += [index] * len(block_sites)
-    head_sites = self.head.sites(hw)
-    sites += head_sites
-    owner += [-1] * len(head_sites)
-    layers = []
-    for site, block in zip(sites, owner):
-      kind = kinds[site.role]
-      layers.append(cost.LayerMACs(
-          site.name, site.macs, kind,
-          block=block if kind == "gated" else -1,
-          fixed=(DEPTHWISE_BITS.a, DEPTHWISE_BITS.g, DEPTHWISE_BITS.w) if kind == "fixed" else None))
-    return layers
+    # MACs do not depend on precision: one full-precision pass finds every layer.
+    return capture_layer_macs(self, lambda model, x: model(x),
+                              (1, self.image_size, self.image_size, 3), gated=gated,
+                              name=layer_name)

@@ -77,6 +77,11 @@ class GatedModel(nnx.Module):
     return len(self.fw_candidates)
 
   def layer_macs(self) -> list[cost.LayerMACs]:
+    """The backbone's layers captured from one abstract pass, labelled as this model runs them.
+
+    MACs do not depend on precision or on the gate (which is no conv), so the
+    plain backbone's full-precision pass finds the same layers as this one.
+    """
     return self.backbone.layer_macs(gated=True)
 
   def block_bits(self, mask: jax.Array) -> GatedBits:

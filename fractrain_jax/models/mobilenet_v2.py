@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from fractrain_jax.layers import BRANCH, DEPTHWISE, SHORTCUT
 from fractrain_jax.models.backbone import Backbone
-from fractrain_jax.models.parts import (BRANCH, DEPTHWISE, HW, SHORTCUT, BlockBits, ConvBN, Head,
-                                        Site, Stem, chain_sites, layer_key)
+from fractrain_jax.models.parts import BlockBits, ConvBN, Head, Stem, layer_key
 
 IMAGE_SIZE = 32
 STEM_FEATURES = 32
@@ -33,14 +33,14 @@ class InvertedResidual(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, expansion: int, strides: int,
                rngs: nnx.Rngs):
     hidden = expansion * in_features
-    self.expand = ConvBN(in_features, hidden, 1, rngs=rngs)
-    self.depthwise = ConvBN(hidden, hidden, 3, strides=strides, feature_group_count=hidden,
-                            rngs=rngs)
-    self.project = ConvBN(hidden, out_features, 1, rngs=rngs)
+    self.expand = ConvBN(in_features, hidden, 1, role=BRANCH, rngs=rngs)
+    self.depthwise = ConvBN(hidden, hidden, 3, role=DEPTHWISE, strides=strides,
+                            feature_group_count=hidden, rngs=rngs)
+    self.project = ConvBN(hidden, out_features, 1, role=BRANCH, rngs=rngs)
     self.residual = strides == 1
     # Only a stride-1 block whose width changes projects its shortcut.
     needs_projection = self.residual and in_features != out_features
-    self.shortcut = (ConvBN(in_features, out_features, 1, rngs=rngs)
+    self.shortcut = (ConvBN(in_features, out_features, 1, role=SHORTCUT, rngs=rngs)
                      if needs_projection else None)
     self.out_features = out_features
 
@@ -53,14 +53,6 @@ class InvertedResidual(nnx.Module):
     if self.shortcut is not None:
       x = self.shortcut(x, bits.shortcut, key=layer_key(key, 3))
     return y + x
-
-  def sites(self, prefix: str, in_hw: HW) -> tuple[list[Site], HW]:
-    sites, out_hw = chain_sites(prefix, [("expand", BRANCH, self.expand),
-                                         ("depthwise", DEPTHWISE, self.depthwise),
-                                         ("project", BRANCH, self.project)], in_hw)
-    if self.shortcut is not None:
-      sites.append(self.shortcut.site(f"{prefix}.shortcut", SHORTCUT, in_hw)[0])
-    return sites, out_hw
 
 
 def mobilenet_v2(*, num_classes: int, rngs: nnx.Rngs) -> Backbone:

@@ -1,7 +1,8 @@
 """The pieces every backbone is built from, and how a precision reaches each conv.
 
 A forward pass hands every conv one precision (``None``, ``StaticBits`` or
-``GatedBits``, see ``layers.py``) picked by the conv's role:
+``GatedBits``, see ``layers.py``) picked by the conv's role (the constants
+live in ``layers.py``; each layer is built with its role):
 
 - ``OUTER``: convs outside the residual blocks (the stem, MobileNetV2's last
   1x1 conv). Quantized in the plain models, full precision in the gated ones.
@@ -13,26 +14,20 @@ A forward pass hands every conv one precision (``None``, ``StaticBits`` or
   the model is quantized.
 - ``CLASSIFIER``: the final dense layer, always full precision.
 
-Every piece also lists its layers as ``Site``s, from which a model's
-``layer_macs()`` is assembled (cost accounting, SPEC section 2).
+Because each layer knows its role, a model's cost table (SPEC section 2) is
+captured from a forward pass (``capture.py``); no piece lists its layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fractrain_jax.layers import Precision, QConv, StaticBits, dense_init
-
-OUTER = "outer"
-BRANCH = "branch"
-SHORTCUT = "shortcut"
-DEPTHWISE = "depthwise"
-CLASSIFIER = "classifier"
+from fractrain_jax.layers import (CLASSIFIER, OUTER, Dense, Precision, QConv, StaticBits,
+                                  dense_init)
 
 # SPEC section 1: MobileNetV2's depthwise convs whatever the schedule says.
 DEPTHWISE_BITS = StaticBits(a=8, g=16, w=8)
@@ -40,15 +35,6 @@ DEPTHWISE_BITS = StaticBits(a=8, g=16, w=8)
 # PyTorch BatchNorm2d defaults: its momentum 0.1 is flax's 0.9.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-
-HW = tuple[int, int]
-
-
-class Site(NamedTuple):
-  """One layer as the cost accounting sees it: forward MACs per sample and its role."""
-  name: str
-  role: str
-  macs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +55,15 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 class ConvBN(nnx.Module):
-  """QConv followed by BatchNorm (PyTorch momentum and epsilon, scale 1, bias 0)."""
+  """QConv followed by BatchNorm (PyTorch momentum and epsilon, scale 1, bias 0).
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
+  role: the conv's role (``layers.ROLES``).
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, role: str,
                strides: int = 1, feature_group_count: int = 1, rngs: nnx.Rngs):
     self.conv = QConv(in_features, out_features, kernel_size, strides=strides,
-                      feature_group_count=feature_group_count, rngs=rngs)
+                      feature_group_count=feature_group_count, role=role, rngs=rngs)
     # Two-pass variance, as PyTorch computes it; the one-pass form loses digits in deep nets.
     self.bn = nnx.BatchNorm(out_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                             use_fast_variance=False, rngs=rngs)
@@ -83,16 +72,14 @@ class ConvBN(nnx.Module):
   def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
     return self.bn(self.conv(x, bits, key=key))
 
-  def site(self, name: str, role: str, in_hw: HW) -> tuple[Site, HW]:
-    return Site(name, role, self.conv.macs(in_hw)), self.conv.out_hw(in_hw)
-
 
 class Stem(nnx.Module):
   """The first conv + BN + ReLU, then (ImageNet) a 3x3 stride-2 max pool with pad 1."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
                strides: int = 1, max_pool: bool = False, rngs: nnx.Rngs):
-    self.conv_bn = ConvBN(in_features, out_features, kernel_size, strides=strides, rngs=rngs)
+    self.conv_bn = ConvBN(in_features, out_features, kernel_size, role=OUTER, strides=strides,
+                          rngs=rngs)
     self.max_pool = max_pool
     self.out_features = out_features
 
@@ -103,12 +90,6 @@ class Stem(nnx.Module):
       h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return h
 
-  def sites(self, in_hw: HW) -> tuple[list[Site], HW]:
-    site, hw = self.conv_bn.site("stem", OUTER, in_hw)
-    if self.max_pool:
-      hw = tuple((n + 2 - 3) // 2 + 1 for n in hw)
-    return [site], hw
-
 
 class Head(nnx.Module):
   """Optional 1x1 conv + BN + ReLU (MobileNetV2), global average pool, dense classifier."""
@@ -116,33 +97,15 @@ class Head(nnx.Module):
   def __init__(self, in_features: int, num_classes: int, *, conv_features: int | None = None,
                rngs: nnx.Rngs):
     self.conv_bn = (None if conv_features is None
-                    else ConvBN(in_features, conv_features, 1, rngs=rngs))
+                    else ConvBN(in_features, conv_features, 1, role=OUTER, rngs=rngs))
     if conv_features is not None:
       in_features = conv_features
-    self.classifier = nnx.Linear(in_features, num_classes,
-                                 kernel_init=dense_init(in_features, num_classes),
-                                 bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.classifier = Dense(in_features, num_classes, role=CLASSIFIER,
+                            kernel_init=dense_init(in_features, num_classes),
+                            bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
   def __call__(self, h: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
     if self.conv_bn is not None:
       h = jax.nn.relu(self.conv_bn(h, bits, key=key))
     return self.classifier(global_avg_pool(h))
 
-  def sites(self, in_hw: HW) -> list[Site]:
-    sites = []
-    if self.conv_bn is not None:
-      site, _ = self.conv_bn.site("head_conv", OUTER, in_hw)
-      sites.append(site)
-    c = self.classifier
-    sites.append(Site("classifier", CLASSIFIER, c.in_features * c.out_features))
-    return sites
-
-
-def chain_sites(prefix: str, parts: Sequence[tuple[str, str, ConvBN]], in_hw: HW
-                ) -> tuple[list[Site], HW]:
-  """Sites of convs applied one after another; returns them and the output size."""
-  sites, hw = [], in_hw
-  for name, role, conv_bn in parts:
-    site, hw = conv_bn.site(f"{prefix}.{name}", role, hw)
-    sites.append(site)
-  return sites, hw

@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from fractrain_jax.models.parts import (BRANCH, HW, SHORTCUT, BlockBits, ConvBN, Site,
-                                        chain_sites, layer_key)
+from fractrain_jax.layers import BRANCH, SHORTCUT
+from fractrain_jax.models.parts import BlockBits, ConvBN, layer_key
 
 
 def _shortcut(in_features: int, out_features: int, strides: int, rngs: nnx.Rngs
@@ -19,7 +19,7 @@ def _shortcut(in_features: int, out_features: int, strides: int, rngs: nnx.Rngs
   """1x1 conv + BN where the shape changes (PyTorch's "option B"), identity otherwise."""
   if strides == 1 and in_features == out_features:
     return None
-  return ConvBN(in_features, out_features, 1, strides=strides, rngs=rngs)
+  return ConvBN(in_features, out_features, 1, role=SHORTCUT, strides=strides, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -27,8 +27,9 @@ class BasicBlock(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, strides: int = 1,
                rngs: nnx.Rngs):
-    self.conv1 = ConvBN(in_features, out_features, 3, strides=strides, rngs=rngs)
-    self.conv2 = ConvBN(out_features, out_features, 3, rngs=rngs)
+    self.conv1 = ConvBN(in_features, out_features, 3, role=BRANCH, strides=strides,
+                        rngs=rngs)
+    self.conv2 = ConvBN(out_features, out_features, 3, role=BRANCH, rngs=rngs)
     self.shortcut = _shortcut(in_features, out_features, strides, rngs)
     self.out_features = out_features
 
@@ -39,13 +40,6 @@ class BasicBlock(nnx.Module):
       x = self.shortcut(x, bits.shortcut, key=layer_key(key, 2))
     return jax.nn.relu(y + x)
 
-  def sites(self, prefix: str, in_hw: HW) -> tuple[list[Site], HW]:
-    sites, out_hw = chain_sites(prefix, [("conv1", BRANCH, self.conv1),
-                                         ("conv2", BRANCH, self.conv2)], in_hw)
-    if self.shortcut is not None:
-      sites.append(self.shortcut.site(f"{prefix}.shortcut", SHORTCUT, in_hw)[0])
-    return sites, out_hw
-
 
 class Bottleneck(nnx.Module):
   """1x1-BN-ReLU, 3x3(stride)-BN-ReLU, 1x1 to 4x width-BN, plus the shortcut, then ReLU."""
@@ -54,10 +48,10 @@ class Bottleneck(nnx.Module):
 
   def __init__(self, in_features: int, width: int, *, strides: int = 1, rngs: nnx.Rngs):
     out_features = width * self.expansion
-    self.conv1 = ConvBN(in_features, width, 1, rngs=rngs)
+    self.conv1 = ConvBN(in_features, width, 1, role=BRANCH, rngs=rngs)
     # The stride sits on the 3x3 conv (torchvision's "ResNet v1.5").
-    self.conv2 = ConvBN(width, width, 3, strides=strides, rngs=rngs)
-    self.conv3 = ConvBN(width, out_features, 1, rngs=rngs)
+    self.conv2 = ConvBN(width, width, 3, role=BRANCH, strides=strides, rngs=rngs)
+    self.conv3 = ConvBN(width, out_features, 1, role=BRANCH, rngs=rngs)
     self.shortcut = _shortcut(in_features, out_features, strides, rngs)
     self.out_features = out_features
 
@@ -68,11 +62,3 @@ class Bottleneck(nnx.Module):
     if self.shortcut is not None:
       x = self.shortcut(x, bits.shortcut, key=layer_key(key, 3))
     return jax.nn.relu(y + x)
-
-  def sites(self, prefix: str, in_hw: HW) -> tuple[list[Site], HW]:
-    sites, out_hw = chain_sites(prefix, [("conv1", BRANCH, self.conv1),
-                                         ("conv2", BRANCH, self.conv2),
-                                         ("conv3", BRANCH, self.conv3)], in_hw)
-    if self.shortcut is not None:
-      sites.append(self.shortcut.site(f"{prefix}.shortcut", SHORTCUT, in_hw)[0])
-    return sites, out_hw
