@@ -17,14 +17,19 @@ from typing import Any, Sequence
 
 import ml_collections
 
-METHODS = ("fp32", "static", "pfq", "dfq", "frac")
-LR_SCHEDULES = ("piecewise", "cosine", "linear")
-GATES = ("gumbel", "hard")
-DATASETS = ("cifar10", "cifar100", "imagenet2012")
-FOLDER_PREFIX = "folder:"
-MAX_BITS = 32
+# Accepted values come from the modules that own them, so they cannot drift apart.
+from fractrain_jax import cost, models, optim, quant, steps
+from fractrain_jax.data import common as datasets
+from fractrain_jax.models import gate
+
+METHODS = steps.METHODS
+LR_SCHEDULES = optim.LR_SCHEDULES
+GATES = gate.SAMPLERS
+DATASETS = datasets.ARRAY_DATASETS + datasets.STREAMED_DATASETS
+FOLDER_PREFIX = datasets.FOLDER_PREFIX
+MAX_BITS = quant.MAX_BITS
 # The trainer adds this prefix itself for 'dfq' and 'frac'.
-GATED_PREFIX = "gated_"
+GATED_PREFIX = models.GATED_PREFIX
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -99,11 +104,8 @@ def _bits_tuple(config, key: str) -> tuple[int, ...]:
 
 
 def _check_model(config) -> None:
-  # Imported here: models pull in Flax layers, and a config check should not.
-  from fractrain_jax.models import available  # pylint: disable=g-import-not-at-top
-
   name = _get(config, "model.name")
-  names = tuple(available())
+  names = tuple(models.available())
   if name in names:
     return
   hint = ""
@@ -212,9 +214,7 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
   _choice(config, "dfq.gate", GATES)
   _real_in(config, "dfq.tau_start", 0.0, lo_open=True)
   _real_in(config, "dfq.tau_end", 0.0, lo_open=True)
-  from fractrain_jax.cost import WEIGHTINGS  # pylint: disable=g-import-not-at-top
-
-  _choice(config, "dfq.cost_weighting", WEIGHTINGS)
+  _choice(config, "dfq.cost_weighting", cost.WEIGHTINGS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -163,6 +163,11 @@ class QConv(nnx.Module):
     self.act_range = nnx.BatchStat(jnp.zeros((), jnp.float32))
     self.use_running_average = False
 
+
+  def set_view(self, use_running_average: bool | None = None):
+    """``nnx.view(model, use_running_average=True)``: the running input range, as BatchNorm."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
   def _input_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.use_running_average:
       return self.act_lo[...], self.act_lo[...] + self.act_range[...]

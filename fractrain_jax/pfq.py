@@ -43,7 +43,6 @@ class TurningPointIndicator:
   Attributes:
     stage: Index of the current precision stage, 0..num_turning_points.
     eps: The current threshold.
-    turning_points_found: Turning points found so far (== stage).
     turning_point_epochs: The 1-based epoch of each turning point.
     epoch: Epoch losses seen so far.
   """
@@ -75,10 +74,6 @@ class TurningPointIndicator:
     self._window_losses: list[float] = []
 
   @property
-  def turning_points_found(self) -> int:
-    return len(self.turning_point_epochs)
-
-  @property
   def stage(self) -> int:
     """Index of the current precision stage: one per turning point found."""
     return len(self.turning_point_epochs)
@@ -86,7 +81,7 @@ class TurningPointIndicator:
   @property
   def done(self) -> bool:
     """True once every turning point has been found."""
-    return self.turning_points_found >= self.num_turning_points
+    return self.stage >= self.num_turning_points
 
   @property
   def scale(self) -> float:
@@ -123,7 +118,7 @@ class TurningPointIndicator:
       return False
     self.turning_point_epochs.append(self.epoch)
     self._window_losses = []
-    if self.turning_points_found <= DECAYING_TURNING_POINTS:
+    if self.stage <= DECAYING_TURNING_POINTS:
       self.eps *= self.alpha
     return True
 

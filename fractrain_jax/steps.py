@@ -33,7 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fractrain_jax import cost, data, dfq, models, optim, quant
 
-GATED_METHODS = ("dfq", "frac")
+METHODS = ("fp32", "static", "pfq", "dfq", "frac")
+GATED_METHODS = ("dfq", "frac")  # They train the gated_<name> model.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +147,11 @@ class Trainer:
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     model.train()
     self.train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    self.eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
-    model.train()
+    # The same arrays seen through evaluation attributes: running ranges and
+    # BN statistics, the gate's plain argmax.
+    evaluated = nnx.view(model, use_running_average=True, deterministic=True,
+                         raise_if_not_found=False)
+    self.eval_graphdef = nnx.split(evaluated, nnx.Param, ...)[0]
     self._init = (params, rest)
     self.layers = model.layer_macs()
     # The FP32 cost of one sample's step: the unit of the paper's cost convention.

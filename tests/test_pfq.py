@@ -48,7 +48,7 @@ def test_turning_points_where_worked_out():
   indicator = paper_indicator()
   assert _run(indicator, LOSSES) == EXPECTED_TURNING_POINTS
   assert indicator.turning_point_epochs == EXPECTED_TURNING_POINTS
-  assert indicator.stage == indicator.turning_points_found == 3
+  assert indicator.stage == len(indicator.turning_point_epochs) == 3
   assert indicator.done
 
 

@@ -103,6 +103,11 @@ class Gate(nnx.Module):
     # Flipped by model.eval() / model.train(): evaluation takes the plain argmax.
     self.deterministic = False
 
+
+  def set_view(self, deterministic: bool | None = None):
+    """``nnx.view(model, deterministic=True)``: evaluation takes the plain argmax."""
+    if deterministic is not None:
+      self.deterministic = deterministic
   def initial_state(self, batch: int) -> LSTMState:
     zeros = jnp.zeros((batch, HIDDEN), jnp.float32)
     return zeros, zeros
