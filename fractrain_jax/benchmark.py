@@ -151,14 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                                    description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="bench", required=True)
   q = sub.add_parser("quant", help="one quantized conv against FP32")
-  q.add_argument("--batch-size", type=int, default=128)
+  q.add_argument("--batch-size", type=int, default=128, help="conv input batch (default 128)")
   s = sub.add_parser("step", help="one training step per method")
-  s.add_argument("--model", default="resnet38")
-  s.add_argument("--batch-size", type=int, default=128)
-  s.add_argument("--num-classes", type=int, default=10)
-  s.add_argument("--methods", nargs="+", default=["fp32", "static", "pfq", "dfq", "frac"])
+  s.add_argument("--model", default="resnet38",
+                 help="backbone name, e.g. resnet20/38/74, mobilenet_v2 (default resnet38); "
+                      "dfq and frac use its gated_ version")
+  s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
+  s.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
+  s.add_argument("--methods", nargs="+", default=["fp32", "static", "pfq", "dfq", "frac"],
+                 help="methods to time, in turn (default: all five); fp32 is the ratios' base")
   for p in (q, s):
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10,
+                   help="timed repetitions; the median is reported (default 10)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-cpu-flags", action="store_true",
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")

@@ -19,6 +19,7 @@ import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
 from fractrain_jax import cost, models, optim, quant, steps
+from fractrain_jax.errors import ConfigError
 from fractrain_jax.data import common as datasets
 from fractrain_jax.models import gate
 
@@ -39,7 +40,7 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     try:
       node = node[part]
     except (KeyError, TypeError, AttributeError):
-      raise ValueError(
+      raise ConfigError(
           f"config.{key} is missing; start from configs/default.py, which "
           "defines every key") from None
   return node
@@ -56,7 +57,7 @@ def _is_real(value: Any) -> bool:
 def _int_at_least(config, key: str, minimum: int) -> int:
   value = _get(config, key)
   if not _is_int(value) or value < minimum:
-    raise ValueError(f"config.{key}={value!r}; expected an int >= {minimum}")
+    raise ConfigError(f"config.{key}={value!r}; expected an int >= {minimum}")
   return int(value)
 
 
@@ -72,32 +73,32 @@ def _real_in(config, key: str, lo: float, hi: float | None = None, *,
   if not ok:
     interval = ("(" if lo_open else "[") + f"{lo}, "
     interval += "inf)" if hi is None else f"{hi}" + (")" if hi_open else "]")
-    raise ValueError(f"config.{key}={value!r}; expected a number in {interval}")
+    raise ConfigError(f"config.{key}={value!r}; expected a number in {interval}")
   return float(value)
 
 
 def _choice(config, key: str, accepted: Sequence[str]) -> str:
   value = _get(config, key)
   if value not in accepted:
-    raise ValueError(f"config.{key}={value!r}; expected one of {tuple(accepted)}")
+    raise ConfigError(f"config.{key}={value!r}; expected one of {tuple(accepted)}")
   return value
 
 
 def _bits(key: str, value: Any) -> None:
   if not _is_int(value) or not 1 <= value <= MAX_BITS:
-    raise ValueError(
+    raise ConfigError(
         f"config.{key}={value!r}; expected an int bit width in 1..{MAX_BITS}")
 
 
 def _bits_tuple(config, key: str) -> tuple[int, ...]:
   value = _get(config, key)
   if not isinstance(value, (tuple, list)) or not value:
-    raise ValueError(
+    raise ConfigError(
         f"config.{key}={value!r}; expected a non-empty tuple of bit widths "
         f"in 1..{MAX_BITS}")
   for b in value:
     if not _is_int(b) or not 1 <= b <= MAX_BITS:
-      raise ValueError(
+      raise ConfigError(
           f"config.{key}={value!r} holds {b!r}; every entry must be an int "
           f"bit width in 1..{MAX_BITS}")
   return tuple(int(b) for b in value)
@@ -112,29 +113,29 @@ def _check_model(config) -> None:
   if isinstance(name, str) and name.startswith(GATED_PREFIX):
     hint = (f" (give the backbone name {name[len(GATED_PREFIX):]!r}: the "
             "trainer adds the 'gated_' prefix itself for 'dfq' and 'frac')")
-  raise ValueError(f"config.model.name={name!r}; expected one of {names}{hint}")
+  raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}")
 
 
 def _check_data(config) -> None:
   dataset = _get(config, "data.dataset")
   folder = isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX)
   if not (dataset in DATASETS or (folder and dataset[len(FOLDER_PREFIX):])):
-    raise ValueError(
+    raise ConfigError(
         f"config.data.dataset={dataset!r}; expected one of {DATASETS} or "
         f"'{FOLDER_PREFIX}PATH' with a non-empty PATH")
   data_dir = _get(config, "data.data_dir")
   if data_dir is not None and not isinstance(data_dir, str):
-    raise ValueError(f"config.data.data_dir={data_dir!r}; expected a str or None")
+    raise ConfigError(f"config.data.data_dir={data_dir!r}; expected a str or None")
   train_subset = _int_at_least(config, "data.train_subset", 0)
   test_subset = _int_at_least(config, "data.test_subset", 0)
   if dataset == "imagenet2012" and (train_subset or test_subset):
-    raise ValueError(
+    raise ConfigError(
         f"config.data.train_subset={train_subset}, config.data.test_subset={test_subset}: "
         "subsets are for in-memory datasets; imagenet2012 streams, expected 0")
   _int_at_least(config, "data.image_size", 1)
   download = _get(config, "data.download")
   if not isinstance(download, bool):
-    raise ValueError(f"config.data.download={download!r}; expected True or False")
+    raise ConfigError(f"config.data.download={download!r}; expected True or False")
 
 
 def _check_train(config) -> int:
@@ -159,12 +160,12 @@ def _check_optim(config, iters: int) -> None:
   if ok:
     ok = all(a < b for a, b in zip(boundaries, boundaries[1:]))
   if not ok:
-    raise ValueError(
+    raise ConfigError(
         f"config.optim.boundaries={boundaries!r}; expected a strictly "
         "increasing tuple of iterations >= 1 (may be empty)")
   warmup = _int_at_least(config, "optim.warmup_iters", 0)
   if warmup >= iters:
-    raise ValueError(
+    raise ConfigError(
         f"config.optim.warmup_iters={warmup!r}; expected fewer than "
         f"config.train.iters={iters}")
   _real_in(config, "optim.warmup_lr", 0.0)
@@ -175,12 +176,12 @@ def _check_pfq(config, method: str) -> int:
   bw = _bits_tuple(config, "pfq.bw_schedule")
   turning_points = _int_at_least(config, "pfq.num_turning_points", 0)
   if len(fw) != len(bw):
-    raise ValueError(
+    raise ConfigError(
         f"config.pfq.fw_schedule={fw} and config.pfq.bw_schedule={bw} have "
         f"{len(fw)} and {len(bw)} stages; expected the same number")
   # Only PFQ reads the schedules; FracTrain uses the indicator alone.
   if method == "pfq" and len(fw) != turning_points + 1:
-    raise ValueError(
+    raise ConfigError(
         f"config.pfq.fw_schedule={fw} has {len(fw)} stages but "
         f"config.pfq.num_turning_points={turning_points}; expected "
         f"num_turning_points + 1 = {turning_points + 1} stages")
@@ -197,14 +198,14 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
   fw = _bits_tuple(config, "dfq.fw_candidates")
   bw = _bits_tuple(config, "dfq.bw_candidates")
   if len(fw) != len(bw):
-    raise ValueError(
+    raise ConfigError(
         f"config.dfq.fw_candidates={fw} and config.dfq.bw_candidates={bw} "
         f"have {len(fw)} and {len(bw)} entries; expected one (fw, bw) pair "
         "per candidate")
   target = _real_in(config, "dfq.target_cp", 0.0, 100.0, lo_open=True)
   step = _real_in(config, "dfq.target_step", 0.0)
   if method == "frac" and target + turning_points * step > 100.0:
-    raise ValueError(
+    raise ConfigError(
         f"config.dfq.target_step={step!r} raises config.dfq.target_cp="
         f"{target!r} to {target + turning_points * step} after "
         f"{turning_points} turning points; expected a final target <= 100")
@@ -228,7 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   method = _choice(config, "method", METHODS)
   seed = _get(config, "seed")
   if not _is_int(seed):
-    raise ValueError(f"config.seed={seed!r}; expected an int")
+    raise ConfigError(f"config.seed={seed!r}; expected an int")
   _check_model(config)
   _check_data(config)
   iters = _check_train(config)
@@ -257,6 +258,6 @@ def check_workdir(path: str | os.PathLike) -> pathlib.Path:
       os.close(fd)
       os.remove(probe)
   except OSError as e:
-    raise ValueError(
+    raise ConfigError(
         f"workdir {str(workdir)!r} is not a writable directory: {e}") from e
   return workdir

@@ -11,6 +11,7 @@ METRICS = "metrics.jsonl"       # One JSON object per evaluation, keys below.
 SUMMARY = "summary.json"        # Written once the last iteration is done.
 CHECKPOINTS = "checkpoints"     # Orbax checkpoints: arrays, plus the run's bookkeeping.
 TENSORBOARD = "tensorboard"     # The numeric metrics as TensorBoard scalars.
+LOG = "log.txt"                 # A copy of the run's console lines.
 
 # Keys of a metrics.jsonl line. Per-interval values are means over the
 # iterations since the previous line; "cost*" are cumulative since step 0.

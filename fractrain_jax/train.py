@@ -22,7 +22,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -34,8 +36,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fractrain_jax import config_check, cost, data, dfq, pfq, run_files, steps
+from fractrain_jax.errors import NonFiniteError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +104,8 @@ class RunState:
   steer_cp_sum: float = 0.0
   steer_cp_steps: int = 0
   interval: dict | None = None          # Interval.state_dict() of an unfinished interval.
+  identity: dict | None = None          # What the run is (run_identity); resuming checks it.
+  train_loss: float | None = None       # Mean training loss of the steps before this save.
 
   @classmethod
   def from_dict(cls, d: dict) -> "RunState":
@@ -111,13 +117,46 @@ class RunState:
     return cls(**d)
 
 
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint belongs to: the settings that make two runs different runs.
+
+  Resuming under a config that differs here would mix two runs' metrics and
+  costs; everything else (iters, eval_every, log_every, ...) may change.
+  """
+  identity = {"method": config.method, "model": config.model.name,
+              "dataset": config.data.dataset}
+  if config.method == "static":
+    identity["bits"] = [config.quant.fw_bits, config.quant.bw_bits]
+  if config.method == "pfq":
+    identity["schedule"] = [list(config.pfq.fw_schedule), list(config.pfq.bw_schedule)]
+  if config.method in steps.GATED_METHODS:
+    d = config.dfq
+    identity["candidates"] = [list(d.fw_candidates), list(d.bw_candidates), d.weight_bits]
+  return identity
+
+
+def _one_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
 class Checkpoints:
-  """The workdir's Orbax checkpoints: a ``TrainState`` and a ``RunState`` per saved step."""
+  """The workdir's Orbax checkpoints: a ``TrainState`` and a ``RunState`` per saved step.
+
+  A checkpoint that does not restore (a truncated array file, missing
+  metadata) is moved aside into ``checkpoints_bad/`` (never deleted) and the
+  next older one is tried.
+  """
 
   def __init__(self, workdir: pathlib.Path, keep: int):
+    self.workdir = workdir
+    self.keep = keep
+    self.directory = (workdir / run_files.CHECKPOINTS).absolute()
+    self._open()
+
+  def _open(self) -> None:
     self.manager = ocp.CheckpointManager(
-        (workdir / run_files.CHECKPOINTS).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
 
   def save(self, step: int, state: steps.TrainState, run: RunState) -> None:
     self.manager.save(step, args=ocp.args.Composite(
@@ -125,16 +164,61 @@ class Checkpoints:
                       force=True)
     self.manager.wait_until_finished()
 
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def read_meta(self, step: int) -> RunState:
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return RunState.from_dict(out["meta"])
+
+  def move_aside(self, step: int, why: str) -> pathlib.Path:
+    """Renames checkpoint ``step`` into ``checkpoints_bad/`` and reopens the manager."""
+    bad_root = self.workdir / (run_files.CHECKPOINTS + "_bad")
+    bad_root.mkdir(exist_ok=True)
+    target = bad_root / f"{step}-{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    self.manager.close()  # Its view of the steps is stale once a folder moves.
+    shutil.move(str(self.directory / str(step)), str(target))
+    self._open()
+    return target
+
+  def check_identity(self, identity: dict) -> None:
+    """Refuses (ResumeError) a workdir whose newest readable checkpoint is of another run.
+
+    Reads only the small JSON part, so it answers before any data is loaded
+    and before anything in the workdir is written.
+    """
+    for step in self.steps():
+      try:
+        run = self.read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore() will move it aside and say so.
+      if run.identity is not None and run.identity != identity:
+        raise ResumeError(
+            f"{self.workdir} holds a checkpoint of another run ({_describe(run.identity)}); "
+            f"this config is {_describe(identity)}. Use another --workdir, or the first "
+            "run's settings to resume it")
+      return
+
   def restore(self, abstract_state) -> tuple[steps.TrainState | None, RunState | None]:
-    step = self.manager.latest_step()
-    if step is None:
-      return None, None
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out["state"], RunState.from_dict(out["meta"])
+    """The newest checkpoint that restores, with its RunState; (None, None) when there is none."""
+    for step in self.steps():
+      try:
+        run = self.read_meta(step)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return out["state"], run
+      except Exception as err:  # pylint: disable=broad-except
+        moved = self.move_aside(step, "unreadable")
+        log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
+                    "trying the previous one", step, _one_line(err), moved)
+    return None, None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+
+def _describe(identity: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in identity.items())
 
 
 @dataclasses.dataclass
@@ -224,6 +308,7 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
       raise ValueError(f"train.{key}={config.train[key]} must be divisible by the "
                        f"{n_dev} devices")
   streamed = data.is_streamed(config.data.dataset)
+  t0 = time.perf_counter()
   if streamed:
     source = data.StreamData(config.data.dataset, data_dir=config.data.data_dir,
                              download=config.data.download, image_size=config.data.image_size)
@@ -235,6 +320,14 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
     if len(source.train_images) < config.train.batch_size:
       raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
                        f"{len(source.train_images)} training images")
+  if streamed:
+    log.info("Data: %s streamed through tf.data, %d classes", config.data.dataset,
+             source.num_classes)
+  else:
+    log.info("Data: %s, %d training and %d test images of %dx%d, %d classes, loaded in %.1f s",
+             config.data.dataset, source.num_train, source.num_test,
+             source.train_images.shape[1], source.train_images.shape[2], source.num_classes,
+             time.perf_counter() - t0)
   model = steps.create_model(config, source.num_classes, config.seed)
   trainer = steps.Trainer(config, model, mean=source.mean, std=source.std,
                           data_on_device=not streamed)
@@ -265,22 +358,30 @@ def _evaluate(session: Session, state, precision: steps.Precision) -> dict[str, 
 class _StopRequests:
   """SIGINT/SIGTERM handling while the loop runs.
 
-  The first signal only sets ``requested``: a KeyboardInterrupt raised inside a
-  step would leave its donated input state deleted, with nothing to save. A
-  second Ctrl-C stops at once, from the last checkpoint.
+  The first signal only sets ``signum``: the loop finishes the step in flight,
+  saves a checkpoint and stops (a KeyboardInterrupt raised inside a step would
+  leave its donated input state deleted, with nothing to save). A second
+  Ctrl-C leaves the process at once with exit status 130, from the last
+  checkpoint: raising inside a compile or a running step is what crashed it.
   """
 
   def __init__(self):
-    self.requested = False
+    self.signum: int | None = None
     self._old: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def _on_signal(self, signum, frame):
     del frame
     if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      log.warning("Second Ctrl-C: stopping now; the newest checkpoint is kept")
+      logging.shutdown()
+      os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
     log.warning("Signal %d: saving a checkpoint after this step, then stopping "
                 "(Ctrl-C again to stop at once)", signum)
-    self.requested = True
+    self.signum = signum
 
   def __enter__(self) -> "_StopRequests":
     if threading.current_thread() is threading.main_thread():
@@ -292,41 +393,83 @@ class _StopRequests:
       signal.signal(s, h)
 
 
+class _RunLog:
+  """A copy of this package's log lines in WORKDIR/log.txt while the run lasts."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.handler = logging.FileHandler(workdir / run_files.LOG, encoding="utf-8")
+    self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                                "%Y-%m-%d %H:%M:%S"))
+    self.handler.setLevel(logging.INFO)
+    self.logger = logging.getLogger("fractrain_jax")
+
+  def __enter__(self) -> "_RunLog":
+    self.logger.addHandler(self.handler)
+    if self.logger.getEffectiveLevel() > logging.INFO:
+      self.logger.setLevel(logging.INFO)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.logger.removeHandler(self.handler)
+    self.handler.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        stop_at: int | None = None) -> dict[str, Any]:
   """Trains and evaluates one run; returns the summary (also written to summary.json).
 
   stop_at: stop after this many iterations as if interrupted (checkpoint saved,
-  no summary), for tests and for splitting a run into jobs.
+  no summary), for tests and for splitting a run into jobs. A run stopped
+  early returns ``{"stopped_at": step}``, plus ``"signal"`` when a signal
+  stopped it.
   """
   config_check.validate(config)
   workdir = config_check.check_workdir(workdir)
+  checkpoints = Checkpoints(workdir, config.checkpoint.keep)
+  # A workdir of another run is refused before anything in it is written.
+  checkpoints.check_identity(run_identity(config))
+  with _RunLog(workdir):
+    return _train(config, workdir, checkpoints, stop_at)
+
+
+def _train(config, workdir: pathlib.Path, checkpoints: "Checkpoints",
+           stop_at: int | None) -> dict[str, Any]:
+  """train_and_evaluate once the workdir is known to be this run's."""
   source, trainer, plain_layers = _setup(config)
   if trainer.gated:
     _check_targets_reachable(config)
-  session = Session(config, workdir, source, trainer, plain_layers,
-                    Checkpoints(workdir, config.checkpoint.keep))
+  session = Session(config, workdir, source, trainer, plain_layers, checkpoints)
+  state, run = checkpoints.restore(trainer.abstract_state())
   (workdir / run_files.CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
-
-  state, run = session.checkpoints.restore(trainer.abstract_state())
   if state is None:
-    state, run = trainer.init_state(config.seed), RunState()
+    state, run = trainer.init_state(config.seed), RunState(identity=run_identity(config))
+    log.info("Starting %s %s in %s", config.method, config.model.name, workdir)
   else:
     state = trainer.put_replicated(state)
-    log.info("Resuming %s from step %d", workdir, int(state.step))
+    log.info("Resuming %s %s in %s from step %d", config.method, config.model.name, workdir,
+             int(state.step))
   session.tensorboard = _TensorBoard(workdir / run_files.TENSORBOARD)
   first = int(state.step)
   stop_at = session.total_iters if stop_at is None else min(stop_at, session.total_iters)
   state, step, stopped = _loop(session, run, state, first, stop_at)
   if stopped is not None:
     return stopped
-  if step < session.total_iters:  # Stopped by a signal or stop_at, after saving a checkpoint.
+  if step < session.total_iters:  # Stopped by stop_at, after saving a checkpoint.
     log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
                 "resume", step)
     return {"stopped_at": step}
   summary = _summary(session, run)
   (workdir / run_files.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+  log.info("Done: final test accuracy %.2f%% (best %.2f%%), cost %.3g bit-scaled MACs "
+           "(%.3g of SBM 8/8), wall %s", summary["final_test_acc"], summary["best_test_acc"],
+           summary["total_cost"], summary["total_cost"] / summary["cost_sbm8"],
+           _hms(summary["wall_s"]))
   return summary
+
+
+def _hms(seconds: float) -> str:
+  s = int(round(seconds))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
@@ -336,57 +479,140 @@ def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
   interval = Interval(run.interval)
   bs = config.train.batch_size
   t_start, wall_base = time.perf_counter(), run.wall_s
+  speed = _Speed(first)
+  compiled: set[steps.Precision] = set()
+  previous = None  # The last step's metrics, checked while the next step runs.
   step = first
   bar = tqdm.tqdm(total=session.total_iters, initial=first,
                   desc=f"{config.method} {config.model.name}", dynamic_ncols=True, disable=None)
-  try:
-    with _StopRequests() as stop:
+  # Console log lines go through the bar while it is drawn, so neither overwrites the other.
+  with _StopRequests() as stop, logging_redirect_tqdm([logging.getLogger("fractrain_jax")]):
+    try:
       for step, batch in zip(range(first, stop_at), _train_batches(session, first)):
         if step == config.train.iters and run.phase == "train" and config.train.finetune_iters:
           run.phase = "finetune"
+          log.info("Step %d: full-precision fine-tuning for %d iterations", step,
+                   config.train.finetune_iters)
         precision = steps.precision_for(config, run.stage, run.phase)
         target = _target_cp(config, run.stage)
         tau = dfq.gumbel_tau(step, config.train.iters, config.dfq.tau_start, config.dfq.tau_end)
+        t0 = time.perf_counter()
         state, metrics = trainer.train_step(precision)(
             state, batch, jnp.float32(target if target is not None else 0.0), jnp.float32(tau))
+        if precision not in compiled:
+          jax.block_until_ready(metrics)
+          compiled.add(precision)
+          log.info("Compiled the %s train step and ran it once in %.1f s", precision,
+                   time.perf_counter() - t0)
+          speed.restart(step + 1)
+        # Cheap every-step check: the previous step's loss, fetched while this one runs.
+        if previous is not None:
+          _check_finite_step(session, previous, step)  # The step before this one.
+        previous = metrics
         interval.add(metrics)
         bar.update(1)
         step += 1
         at_eval = step % config.train.eval_every == 0 or step == session.total_iters
-        if step % config.train.log_every == 0 or at_eval:
+        if step % config.train.log_every == 0 or at_eval or step == first + 1:
           interval.flush()
-          _check_finite(session, interval, step)
           cp = interval.mean("steer_cp") or interval.mean("model_cp")
           bar.set_postfix(loss=f"{interval.mean('ce'):.3f}",
                           acc=f"{100 * interval.mean('correct') / bs:.1f}",
                           cp=f"{cp:.2f}", stage=run.stage, refresh=False)
         if at_eval:
+          _check_finite_step(session, metrics, step)
           run.wall_s = wall_base + time.perf_counter() - t_start
-          _end_interval(session, run, indicator, interval, state, step, precision, target)
+          record = _end_interval(session, run, indicator, interval, state, step, precision,
+                                 target)
+          log.info(_event_line(session, record, speed.images_per_s(step, bs),
+                               speed.eta(step, session.total_iters)))
           interval = Interval()
         elif stop.requested or step == stop_at:
           run.wall_s = wall_base + time.perf_counter() - t_start
           run.indicator, run.interval = indicator.state_dict(), interval.state_dict()
+          run.train_loss = interval.mean("ce")
           session.checkpoints.save(step, state, run)
         if stop.requested:
-          break
-  except KeyboardInterrupt:
-    last = session.checkpoints.latest_step() or 0
-    log.warning("Interrupted; running again with the same workdir resumes from step %d", last)
-    return state, step, {"stopped_at": last}
-  finally:
-    bar.close()
+          log.warning("Stopped at step %d with a checkpoint (signal %d); run again with the "
+                      "same workdir to resume", step, stop.signum)
+          return state, step, {"stopped_at": step, "signal": stop.signum}
+    finally:
+      bar.close()
   return state, step, None
 
 
-def _check_finite(session: Session, interval: Interval, step: int) -> None:
-  loss = interval.mean("ce")
-  if not math.isfinite(loss):
-    c = session.config
-    raise FloatingPointError(
-        f"training loss became {loss} at step {step} ({c.method}, {c.model.name}, "
-        f"lr {interval.mean('lr'):.3g}); the last good checkpoint in "
-        f"{session.workdir / run_files.CHECKPOINTS} is kept: lower optim.lr or check the data")
+class _Speed:
+  """Images per second and the time left, measured from the first compiled step on."""
+
+  def __init__(self, step: int):
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self.step0, self.t0 = step, time.perf_counter()
+
+  def images_per_s(self, step: int, batch_size: int) -> float | None:
+    dt = time.perf_counter() - self.t0
+    return (step - self.step0) * batch_size / dt if dt > 0 and step > self.step0 else None
+
+  def eta(self, step: int, total: int) -> str:
+    dt = time.perf_counter() - self.t0
+    if step <= self.step0 or dt <= 0:
+      return "?"
+    return _hms((total - step) * dt / (step - self.step0))
+
+
+def _event_line(session: Session, record: dict, images_per_s: float | None, eta: str) -> str:
+  """One evaluation as one console line (also in log.txt)."""
+  config = session.config
+  parts = [f"step {record['step']}/{session.total_iters}",
+           f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.1f}%",
+           f"test loss {record['test_loss']:.3f} acc {record['test_acc']:.2f}%"]
+  if record.get("steer_cp") is not None:
+    parts.append(f"steer cp {record['steer_cp']:.2f}% (target {record['target_cp']:g}%)")
+  parts.append(f"model cp {record['model_cp']:.2f}%")
+  if record.get("fw_bits") is not None:
+    parts.append(f"stage {record['stage']} ({record['fw_bits']}/{record['bw_bits']} bits)")
+  elif config.method == "frac":
+    parts.append(f"stage {record['stage']}")
+  if record["phase"] != "train":
+    parts.append(record["phase"])
+  if images_per_s is not None:
+    parts.append(f"{images_per_s:.0f} img/s")
+  parts.append(f"ETA {eta}")
+  return " | ".join(parts)
+
+
+def _absurd_loss(session: Session) -> float:
+  """A cross-entropy far beyond any a model that learns reports: 100x that of a uniform guess."""
+  return 100 * math.log(max(session.source.num_classes, 2))
+
+
+def _check_finite_step(session: Session, metrics: dict, number: int) -> None:
+  """Stops the run at the first step whose training loss is nan or inf (``number``: 1-based)."""
+  loss = float(jax.device_get(metrics["ce"]))
+  if math.isfinite(loss):
+    return
+  _stop_diverged(session, f"training loss became {loss} at step {number}")
+
+
+def _stop_diverged(session: Session, what: str) -> None:
+  """Keeps the newest checkpoint whose training loss was finite and not absurd; raises."""
+  c, ckpt = session.config, session.checkpoints
+  bound = _absurd_loss(session)
+  kept, moved = None, []
+  for step in ckpt.steps():
+    loss = ckpt.read_meta(step).train_loss
+    if loss is not None and math.isfinite(loss) and loss <= bound:
+      kept = (step, loss)
+      break
+    ckpt.move_aside(step, "diverged")
+    moved.append(f"{step} (training loss {loss:.3g})" if loss is not None else str(step))
+  where = (f"kept the checkpoint of step {kept[0]} (training loss {kept[1]:.3g})" if kept
+           else "no checkpoint before it had a sane training loss")
+  aside = f"; moved aside step {', '.join(moved)} to {run_files.CHECKPOINTS}_bad/" if moved else ""
+  raise NonFiniteError(
+      f"{what} ({c.method}, {c.model.name}, lr {c.optim.lr:g}); {where}{aside}. Lower "
+      f"optim.lr or check the data, then run again to resume from the kept checkpoint")
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
@@ -395,13 +621,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   config_check.validate(config)
   workdir = pathlib.Path(workdir)
   if not (workdir / run_files.CHECKPOINTS).is_dir():
-    raise FileNotFoundError(f"no checkpoints in {workdir / run_files.CHECKPOINTS}: train there first")
+    raise ResumeError(f"no checkpoints in {workdir / run_files.CHECKPOINTS}: train there first")
+  checkpoints = Checkpoints(workdir, config.checkpoint.keep)
+  checkpoints.check_identity(run_identity(config))
   source, trainer, plain_layers = _setup(config)
-  session = Session(config, workdir, source, trainer, plain_layers,
-                    Checkpoints(workdir, config.checkpoint.keep))
-  state, run = session.checkpoints.restore(trainer.abstract_state())
+  session = Session(config, workdir, source, trainer, plain_layers, checkpoints)
+  state, run = checkpoints.restore(trainer.abstract_state())
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / run_files.CHECKPOINTS}")
+    raise ResumeError(f"no checkpoint in {workdir / run_files.CHECKPOINTS} restores")
   state = trainer.put_replicated(state)
   ev = _evaluate(session, state, steps.precision_for(config, run.stage, run.phase))
   return {"step": int(state.step), "stage": run.stage, "phase": run.phase, **ev}
@@ -409,8 +636,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
 
 def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIndicator,
                   interval: Interval, state, step: int, precision: steps.Precision,
-                  target: float | None) -> None:
-  """Count the interval's cost, evaluate, log, feed the indicator, checkpoint."""
+                  target: float | None) -> dict[str, Any]:
+  """Count the interval's cost, evaluate, log, feed the indicator, checkpoint; returns the record."""
   config, trainer = session.config, session.trainer
   interval.flush()
   samples = interval.steps * config.train.batch_size
@@ -424,6 +651,8 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
   run.steer_cp_sum += interval.sums.get("steer_cp", 0.0)
   run.steer_cp_steps += steer_steps
   ev = _evaluate(session, state, precision)
+  if not math.isfinite(ev["test_loss"]):
+    _stop_diverged(session, f"test loss became {ev['test_loss']} at step {step}")
   run.last_test_acc = ev["test_acc"]
   run.best_test_acc = max(ev["test_acc"], run.best_test_acc or -1.0)
   record = {
@@ -453,9 +682,13 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
       and indicator.update(record["train_loss"] + record["train_cost_term"])):
     run.stage = indicator.stage
     run.turning_points.append(step)
-    log.info("Turning point at step %d: stage %d", step, indicator.stage)
+    log.info("Turning point at step %d: stage %d%s", step, indicator.stage,
+             f", target cp {_target_cp(config, run.stage):g}%" if config.method == "frac" else
+             f", {steps.precision_for(config, run.stage)}" if config.method == "pfq" else "")
   run.indicator, run.interval = indicator.state_dict(), None
+  run.train_loss = record["train_loss"]
   session.checkpoints.save(step, state, run)
+  return record
 
 
 def _summary(session: Session, run: RunState) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Tests of the input pipeline (fractrain_jax/data.py).
+"""Tests of the input pipeline (fractrain_jax/data/).
 
 Datasets come from `tfds.testing.mock_data` or from tiny image folders written
 here; nothing is downloaded.
 """
 
+import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from fractrain_jax import data
+from fractrain_jax.data import folder
 
 MEAN = np.asarray(data.CIFAR_MEAN, np.float32)
 STD = np.asarray(data.CIFAR_STD, np.float32)
@@ -171,6 +174,14 @@ def test_subset_indices_balanced_seeded():
 # ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def folder_cache(tmp_path_factory, monkeypatch):
+  """Each test's own decode cache (never ~/.cache)."""
+  path = tmp_path_factory.mktemp("folder_cache")
+  monkeypatch.setenv(folder.CACHE_ENV, str(path))
+  return path
+
+
 def _write_folder(root, layout, fmt="png"):
   """layout: {split: {class: uint8 images (n, h, w, 3)}}; returns {class: images} per split."""
   for split, classes in layout.items():
@@ -196,6 +207,22 @@ def _label_of(image, classes_images):
   return hits[0]
 
 
+def _files_in_order(root, split):
+  """The split's image files in (class, file name) order: the order load_arrays keeps."""
+  split_dir = pathlib.Path(root) / split
+  return [str(f) for c in sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+          for f in sorted((split_dir / c).iterdir(), key=lambda f: f.name)
+          if f.suffix.lower() in (".png", ".jpg", ".jpeg")]
+
+
+def _tfds_image_folder(root):
+  """{split: {file: (label, image)}} as tfds.ImageFolder reads the folder (TensorFlow)."""
+  builder = tfds.ImageFolder(str(root), shape=(None, None, 3))
+  return {split: {ex["image/filename"].decode(): (int(ex["label"]), ex["image"])
+                  for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+          for split in ("train", "test")}
+
+
 def test_folder_png_loads_exact_pixels_and_sorted_labels(tmp_path):
   layout = _two_class_layout()
   root = _write_folder(str(tmp_path), layout)
@@ -206,9 +233,87 @@ def test_folder_png_loads_exact_pixels_and_sorted_labels(tmp_path):
     labels = getattr(ds, f"{split}_labels")
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     chex.assert_shape(images, (n, 6, 5, 3))
-    # "cat" < "dog": cat is 0, dog is 1.
+    # "cat" < "dog": cat is 0, dog is 1; (class, file name) order.
+    np.testing.assert_array_equal(labels, np.sort(labels))
+    want = np.concatenate([layout[split]["cat"], layout[split]["dog"]])
+    np.testing.assert_array_equal(images, want)
     for image, label in zip(images, labels):
       assert label == _label_of(image, layout[split])
+
+
+def _mixed_mode_png_folder(root):
+  """PNGs in RGB, grey, RGBA and palette modes (all must come out RGB)."""
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for c, name in enumerate(("b_plane", "a_car", "c_ship")):
+      folder_ = pathlib.Path(root) / split / name
+      folder_.mkdir(parents=True)
+      for i, mode in enumerate(("RGB", "L", "RGBA", "P")):
+        rgb = Image.fromarray(rng.integers(0, 256, (7, 9, 3), dtype=np.uint8))
+        image = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+        image.save(folder_ / f"{10 - i}_{mode}.png")  # File names out of mode order.
+      if c == 0:  # Not images: ignored, as by tfds.ImageFolder.
+        (folder_ / "notes.txt").write_text("x")
+  return root
+
+
+def test_folder_png_matches_tfds_image_folder(tmp_path):
+  root = _mixed_mode_png_folder(tmp_path / "png")
+  ds = data.load_arrays(f"folder:{root}")
+  want = _tfds_image_folder(root)
+  for split in ("train", "test"):
+    images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+    files = _files_in_order(root, split)
+    assert len(files) == len(want[split]) == len(images) == 12
+    for file, image, label in zip(files, images, labels):
+      want_label, want_image = want[split][file]
+      assert label == want_label, file
+      np.testing.assert_array_equal(image, want_image, err_msg=file)
+    # The same as sorted sets of (label, image bytes).
+    assert (sorted((int(l), x.tobytes()) for l, x in zip(labels, images))
+            == sorted((l, x.tobytes()) for l, x in want[split].values()))
+
+
+def test_folder_jpeg_matches_tensorflow_accurate_dct(tmp_path):
+  rng = np.random.default_rng(1)
+  smooth = np.linspace(0, 250, 16, dtype=np.uint8)[None, :, None]
+  root = tmp_path / "jpeg"
+  for split in ("train", "test"):
+    for c, ext in enumerate((".jpg", ".JPEG", ".jpeg")):
+      folder_ = root / split / f"class{c}"
+      folder_.mkdir(parents=True)
+      for i in range(3):
+        image = np.clip(smooth + rng.integers(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder_ / f"{i}{ext}", quality=85)
+  ds = data.load_arrays(f"folder:{root}")
+  want = _tfds_image_folder(root)
+  tf = data.common._tf()  # pylint: disable=protected-access
+  for split in ("train", "test"):
+    images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+    files = _files_in_order(root, split)
+    assert len(files) == len(want[split]) == len(images) == 9
+    for file, image, label in zip(files, images, labels):
+      want_label, want_image = want[split][file]
+      assert label == want_label, file
+      # tfds.ImageFolder decodes with TF's default fast DCT, Pillow with the
+      # accurate one: a few levels apart, and exactly TF's accurate decode.
+      assert np.abs(image.astype(int) - want_image).max() <= 8, file
+      accurate = tf.image.decode_jpeg(tf.io.read_file(file), channels=3,
+                                      dct_method="INTEGER_ACCURATE").numpy()
+      np.testing.assert_array_equal(image, accurate, err_msg=file)
+
+
+def test_folder_real_cifar10_jpegs_match_tfds_image_folder(real_cifar10_folder):
+  ds = data.load_arrays(f"folder:{real_cifar10_folder}")
+  want = _tfds_image_folder(real_cifar10_folder)
+  files = _files_in_order(real_cifar10_folder, "test")
+  assert ds.num_classes == 10 and ds.num_train == 500 and len(files) == ds.num_test == 100
+  worst = 0
+  for file, image, label in zip(files, ds.test_images, ds.test_labels):
+    want_label, want_image = want["test"][file]
+    assert label == want_label
+    worst = max(worst, np.abs(image.astype(int) - want_image).max())
+  assert worst <= 5  # Measured over all 60,000 CIFAR-10 JPEGs: at most 5, mean 1.0.
 
 
 def test_folder_jpeg_loads(tmp_path):
@@ -248,17 +353,161 @@ def test_folder_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=os.path.join(only_train, "test")):
     data.load_arrays(f"folder:{only_train}")
 
+  no_classes = tmp_path / "no_classes"
+  (no_classes / "train").mkdir(parents=True)
+  (no_classes / "test").mkdir()
+  with pytest.raises(ValueError, match=f"{no_classes / 'train'} has no class subfolders"):
+    data.load_arrays(f"folder:{no_classes}")
+
   layout = _two_class_layout()
   layout["test"]["bird"] = _images(1)
   mismatch = _write_folder(str(tmp_path / "mismatch"), layout)
   with pytest.raises(ValueError, match=r"only in test: \['bird'\]"):
     data.load_arrays(f"folder:{mismatch}")
 
+  empty = _write_folder(str(tmp_path / "empty"), _two_class_layout())
+  for split in ("train", "test"):
+    os.makedirs(os.path.join(empty, split, "emu"))
+  (pathlib.Path(empty) / "train" / "emu" / "readme.txt").write_text("no images here")
+  with pytest.raises(ValueError, match=f"class folder {os.path.join(empty, 'train', 'emu')} "
+                     "holds no .png/.jpg/.jpeg images"):
+    data.load_arrays(f"folder:{empty}")
+
+
+def test_folder_refuses_images_of_another_size_naming_the_first(tmp_path):
+  # Sorted order: cat/0, cat/1, dog/0, ...; cat/0 sets the size, dog/1 is the first to differ.
   layout = _two_class_layout()
-  layout["train"]["cat"] = _images(1, 7, 7)
+  layout["train"]["dog"] = [_images(1)[0], _images(1, 7, 7)[0], _images(1, 4, 4)[0]]
   sizes = _write_folder(str(tmp_path / "sizes"), layout)
-  with pytest.raises(ValueError, match="one size.*6x5.*7x7"):
+  first = os.path.join(sizes, "train", "cat", "0.png")
+  other = os.path.join(sizes, "train", "dog", "1.png")
+  with pytest.raises(ValueError, match=f"one size, but {first} is 6x5 and {other} is 7x7"):
     data.load_arrays(f"folder:{sizes}")
+
+  # Test images of another size than the train images: the first test file is named.
+  layout = _two_class_layout()
+  layout["test"] = {"cat": _images(1, 8, 8), "dog": _images(1, 8, 8)}
+  split_sizes = _write_folder(str(tmp_path / "split_sizes"), layout)
+  first = os.path.join(split_sizes, "train", "cat", "0.png")
+  other = os.path.join(split_sizes, "test", "cat", "0.png")
+  with pytest.raises(ValueError, match=f"one size, but {first} is 6x5 and {other} is 8x8"):
+    data.load_arrays(f"folder:{split_sizes}")
+  # The same when the train split comes from the cache.
+  with pytest.raises(ValueError, match=f"{other} is 8x8"):
+    data.load_arrays(f"folder:{split_sizes}")
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
+def test_folder_refuses_a_corrupt_image_naming_it(tmp_path, content):
+  root = _write_folder(str(tmp_path), _two_class_layout())
+  bad = pathlib.Path(root) / "train" / "dog" / "1.png"
+  if content == "truncated":
+    content = bad.read_bytes()[:60]
+  bad.write_bytes(content)
+  with pytest.raises(ValueError, match=f"cannot read image {bad}.*replace the file"):
+    data.load_arrays(f"folder:{root}")
+
+
+def test_folder_thread_pool_gives_the_same_arrays_and_errors(tmp_path, monkeypatch):
+  layout = {s: {c: _images(20, 6, 5, seed=10 * k + i) for i, c in enumerate("abc")}
+            for k, s in enumerate(("train", "test"))}
+  root = _write_folder(str(tmp_path / "pool"), layout)
+  serial = data.load_arrays(f"folder:{root}")
+  monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "pool_cache"))
+  monkeypatch.setattr(folder, "_POOL_MIN_MEAN_BYTES", 0)
+  monkeypatch.setattr(folder, "_POOL_MIN_FILES", 0)
+  monkeypatch.setattr(folder, "_MAX_WORKERS", 4)
+  monkeypatch.setattr(folder.os, "cpu_count", lambda: 4)
+  pooled = data.load_arrays(f"folder:{root}")
+  np.testing.assert_array_equal(pooled.train_images, serial.train_images)
+  np.testing.assert_array_equal(pooled.test_labels, serial.test_labels)
+  # Two bad files in different chunks: the first in order is named.
+  for bad in ("c/10.png", "b/17.png"):  # Chunks of 16: indices 50 and 37.
+    (pathlib.Path(root) / "train" / bad).write_bytes(b"junk")
+  with pytest.raises(ValueError, match="cannot read image .*/train/b/17.png"):
+    data.load_arrays(f"folder:{root}")
+
+
+def _cache_files(cache):
+  return sorted(p.name for p in pathlib.Path(cache).iterdir())
+
+
+def test_folder_cache_hit_skips_decoding(tmp_path, monkeypatch, folder_cache):
+  root = _write_folder(str(tmp_path / "root"), _two_class_layout())
+  first = data.load_arrays(f"folder:{root}")
+  names = _cache_files(folder_cache)
+  assert len(names) == 2 and names[0].startswith("test-") and names[1].startswith("train-")
+  assert all(n.endswith(".npz") for n in names)
+
+  def no_decoding(path):
+    raise AssertionError(f"decoded {path} despite the cache")
+
+  monkeypatch.setattr(folder, "_decode", no_decoding)
+  second = data.load_arrays(f"folder:{root}", train_subset=4, seed=2)
+  np.testing.assert_array_equal(second.test_images, first.test_images)
+  np.testing.assert_array_equal(second.test_labels, first.test_labels)
+  assert second.num_train == 4 and second.num_classes == 2
+  # The same files elsewhere (copied with their times, as tar extracts them) hit too.
+  copy = shutil.copytree(root, tmp_path / "copy")
+  third = data.load_arrays(f"folder:{copy}")
+  np.testing.assert_array_equal(third.train_images, first.train_images)
+  assert _cache_files(folder_cache) == names
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "resize", "touch"])
+def test_folder_cache_misses_when_the_folder_changes(tmp_path, folder_cache, change):
+  layout = _two_class_layout()
+  root = pathlib.Path(_write_folder(str(tmp_path / "root"), layout))
+  before = data.load_arrays(f"folder:{root}")
+  dog = root / "train" / "dog"
+  if change == "add":
+    Image.fromarray(_images(1, seed=9)[0]).save(dog / "9.png")
+  elif change == "remove":
+    (dog / "2.png").unlink()
+  elif change == "resize":  # Same pixels, another file size.
+    Image.fromarray(layout["train"]["dog"][0]).save(dog / "0.png", compress_level=0)
+  else:  # Only a later mtime.
+    mtime = (dog / "0.png").stat().st_mtime_ns + 10**9
+    os.utime(dog / "0.png", ns=(mtime, mtime))
+  after = data.load_arrays(f"folder:{root}")
+  assert after.num_train == {"add": 6, "remove": 4}.get(change, 5)
+  if change in ("resize", "touch"):
+    np.testing.assert_array_equal(after.train_images, before.train_images)
+  # A new train entry; the test split is unchanged and hits.
+  names = _cache_files(folder_cache)
+  assert len(names) == 3 and sum(n.startswith("train-") for n in names) == 2
+
+
+def test_folder_cache_unwritable_only_warns(tmp_path, monkeypatch, caplog):
+  root = _write_folder(str(tmp_path / "root"), _two_class_layout())
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv(folder.CACHE_ENV, str(blocker / "cache"))  # Under a file: mkdir fails.
+  with caplog.at_level(logging.WARNING, logger="fractrain_jax.data.folder"):
+    ds = data.load_arrays(f"folder:{root}")
+  assert ds.num_train == 5
+  assert "could not write the folder cache" in caplog.text and folder.CACHE_ENV in caplog.text
+  assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_folder_cache_corrupt_entry_is_decoded_again(tmp_path, folder_cache, caplog):
+  root = _write_folder(str(tmp_path / "root"), _two_class_layout())
+  first = data.load_arrays(f"folder:{root}")
+  for entry in pathlib.Path(folder_cache).iterdir():
+    entry.write_bytes(b"garbage")
+  with caplog.at_level(logging.WARNING, logger="fractrain_jax.data.folder"):
+    again = data.load_arrays(f"folder:{root}")
+  assert "ignoring unreadable folder cache" in caplog.text
+  np.testing.assert_array_equal(again.train_images, first.train_images)
+  # Rewritten: a third load reads it.
+  assert all(p.stat().st_size > 100 for p in pathlib.Path(folder_cache).iterdir())
+
+
+def test_folder_cache_dir_default_and_env(monkeypatch):
+  monkeypatch.delenv(folder.CACHE_ENV)
+  assert folder.cache_dir() == pathlib.Path.home() / ".cache" / "fractrain_jax" / "folders"
+  monkeypatch.setenv(folder.CACHE_ENV, "~/elsewhere")
+  assert folder.cache_dir() == pathlib.Path.home() / "elsewhere"
 
 
 def test_folder_reads_real_files_under_mock_data(tmp_path):

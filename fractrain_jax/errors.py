@@ -1,0 +1,29 @@
+"""Errors that mean "the user asked for something that cannot be done", not "the code is broken".
+
+Entry points print these as one line (``error: ...``) and exit 2; anything
+else keeps its traceback. Each subclasses the built-in type it replaces, so
+``except ValueError`` and ``pytest.raises(FileNotFoundError)`` still catch
+them.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """A mistake in the command, config, data or workdir; the message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that is not accepted (its key, the value, what would be)."""
+
+
+class DataError(UserError, FileNotFoundError):
+  """A dataset that is missing, empty or unreadable (the path and what to do)."""
+
+
+class ResumeError(UserError, ValueError):
+  """A workdir whose checkpoints belong to another run, or none of which restores."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training diverged: a loss became nan or inf (the step and the checkpoint kept)."""

@@ -1,0 +1,195 @@
+"""A run that says what it is doing, survives a bad checkpoint and refuses to mix runs.
+
+Tiny models on mock or tiny image-folder data; the subprocess tests run main.py
+as a user would, without a terminal.
+"""
+
+import glob
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fractrain_jax import errors, run_files, train
+from test_train import read_metrics, run_mock, tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _corrupt_array_file(workdir, step):
+  f = sorted(glob.glob(str(workdir / "checkpoints" / str(step) / "state" / "d" / "*")))[0]
+  pathlib.Path(f).write_bytes(pathlib.Path(f).read_bytes()[:10])
+
+
+def _drop_meta(workdir, step):
+  (workdir / "checkpoints" / str(step) / "meta" / "metadata").unlink()
+
+
+@pytest.mark.parametrize("damage", [_corrupt_array_file, _drop_meta])
+def test_a_bad_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path, caplog, damage):
+  config = tiny_config("pfq", **{"train.iters": 6})
+  assert run_mock(config, tmp_path, stop_at=4) == {"stopped_at": 4}
+  damage(tmp_path, 4)
+  with caplog.at_level("WARNING", logger="fractrain_jax"):
+    assert run_mock(config, tmp_path, stop_at=5) == {"stopped_at": 5}
+  (warning,) = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
+  assert warning.startswith("Checkpoint of step 4 could not be restored") and "\n" not in warning
+  (aside,) = (tmp_path / "checkpoints_bad").iterdir()
+  assert aside.name.startswith("4-unreadable-") and (aside / "state").is_dir()
+  # It went on from step 2, the newest good one: step 3's line is absent, 4 is written again.
+  assert [l["step"] for l in read_metrics(tmp_path)] == [2, 4, 4]
+
+
+def test_resuming_with_another_run_is_refused_before_anything_is_written(tmp_path):
+  run_mock(tiny_config("pfq", **{"train.iters": 6}), tmp_path, stop_at=2)
+  before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  for key, value in (("method", "static"), ("model.name", "resnet20"),
+                     ("pfq.fw_schedule", (4, 4, 6, 8))):
+    with pytest.raises(errors.ResumeError) as info:
+      run_mock(tiny_config("pfq", **{"train.iters": 6, key: value}), tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "method=pfq" in message and "schedule=[[3, 4, 6, 8]" in message
+  assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+  # Keys that do not change what the run is may change.
+  summary = run_mock(tiny_config("pfq", **{"train.iters": 4, "train.log_every": 2}), tmp_path)
+  assert summary["iters"] == 4
+
+
+def test_a_diverged_run_keeps_its_newest_sane_checkpoint(tmp_path):
+  config = tiny_config("fp32", **{"train.iters": 6})
+  run_mock(config, tmp_path, stop_at=4)
+  meta = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
+  data = json.loads(meta.read_text())
+  data["train_loss"] = 3.6e35  # Finite, and absurd for a 10-class cross-entropy.
+  meta.write_text(json.dumps(data))
+  with tfds.testing.mock_data(num_examples=16):
+    source, trainer, plain_layers = train._setup(config)
+  session = train.Session(config, tmp_path, source, trainer, plain_layers,
+                          train.Checkpoints(tmp_path, 3))
+  with pytest.raises(errors.NonFiniteError) as info:
+    train._stop_diverged(session, "training loss became nan at step 5")
+  message = str(info.value)
+  assert "kept the checkpoint of step 2" in message and "moved aside step 4" in message
+  assert session.checkpoints.steps() == [2]
+  (aside,) = (tmp_path / "checkpoints_bad").iterdir()
+  assert aside.name.startswith("4-diverged-")
+
+
+def test_nan_stops_at_the_first_bad_step(tmp_path):
+  config = tiny_config("fp32", **{"train.iters": 20, "optim.lr": 1e30, "optim.boundaries": (100,),
+                                  "train.eval_every": 10, "train.log_every": 10})
+  with pytest.raises(errors.NonFiniteError, match=r"training loss became nan at step (\d)\b"):
+    run_mock(config, tmp_path)
+  assert not (tmp_path / "metrics.jsonl").exists()  # Stopped before the first evaluation.
+
+
+def _image_folder(root, per_class=4):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      d = root / split / cls
+      d.mkdir(parents=True)
+      for i in range(per_class):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(d / f"{i}.png")
+  return root
+
+
+def _main(tmp_path, *extra, iters=100000):
+  folder = tmp_path / "images"
+  if not folder.exists():
+    _image_folder(folder)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  cmd = [sys.executable, "main.py", "--config", "configs/sbm_cifar10.py",
+         f"--config.data.dataset=folder:{folder}", "--config.model.name=resnet8",
+         f"--config.train.iters={iters}", "--config.train.batch_size=4",
+         "--config.train.eval_every=2", "--config.train.eval_batch_size=4",
+         f"--workdir={tmp_path / 'run'}", *extra]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, needle, timeout=300):
+  """Stderr lines up to the first that holds `needle`."""
+  lines, t0 = [], time.monotonic()
+  for line in proc.stderr:
+    lines.append(line)
+    if needle in line:
+      return lines
+    assert time.monotonic() - t0 < timeout, "".join(lines[-20:])
+  raise AssertionError(f"{needle!r} never printed:\n" + "".join(lines[-30:]))
+
+
+def test_main_prints_its_events_without_a_terminal_and_exits_130_on_ctrl_c(tmp_path):
+  proc = _main(tmp_path)
+  try:
+    lines = _wait_for(proc, "step 4/100000")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  text = "".join(lines) + err
+  assert proc.returncode == 130, text[-3000:]
+  for needle in ("Data: folder:", "8 training", "Compiled the 8/8 bits train step",
+                 "step 2/100000 | train loss", "test loss", "img/s", "ETA", "Stopped at step"):
+    assert needle in text, needle
+  log_txt = (tmp_path / "run" / run_files.LOG).read_text()
+  assert "Compiled the 8/8 bits train step" in log_txt and "step 2/100000 |" in log_txt
+  assert "stopped_at" in out
+
+
+def test_a_second_ctrl_c_during_compilation_exits_at_once(tmp_path):
+  proc = _main(tmp_path)
+  try:
+    _wait_for(proc, "Data: folder:")  # The first compile starts right after.
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, err[-3000:]
+  assert "Segmentation fault" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--config.model.name=resnet9"], "config.model.name='resnet9'"),
+    (["--config.data.dataset=folder:/nonexistent/place"], "/nonexistent/place"),
+])
+def test_user_mistakes_are_one_line(tmp_path, extra, needle):
+  proc = _main(tmp_path, *extra, iters=2)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-3000:]
+  (line,) = [l for l in err.splitlines() if l.startswith("error:")]
+  assert needle in line and "Traceback" not in err
+
+
+def test_a_missing_config_file_is_one_line():
+  done = subprocess.run([sys.executable, "main.py", "--config", "configs/nope.py"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "error: config file 'configs/nope.py' does not exist; the recipes are in configs/ "
+      "(e.g. --config configs/frac_cifar10.py)"]
+
+
+def test_help_exits_0_and_shows_the_common_overrides():
+  done = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0
+  for needle in ("--config.model.name", "--config.data.dataset", "--config.train.iters",
+                 "--config.train.batch_size", "configs/frac_cifar10.py", "Example"):
+    assert needle in done.stdout
+
+
+def test_tfds_download_dependency_imports():
+  # tfds's download_and_prepare imports it; without it download=True failed late.
+  import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import
+
