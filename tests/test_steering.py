@@ -9,10 +9,13 @@ recipe-level test keeps every recipe value.
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import dfq_cifar10, frac_cifar10
-from fractrain_jax import cost, train
+from fractrain_jax import cost, models, train
 
 # Candidates (3,4,4,6,6) / (6,6,8,8,12), 4-bit weights: the reachable steering cp.
 FLOOR, CEILING = cost.steer_cp_range((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4)
@@ -31,9 +34,19 @@ def short_run(config, folder, workdir, *, iters):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reachable_range_is_the_authors_for_every_cifar_resnet():
-  assert (round(FLOOR, 3), round(CEILING, 3)) == (1.758, 4.688)
-  lo, hi = cost.steer_cp_range((3, 4, 6, 8), (6, 8, 12, 16), 6)
+@pytest.mark.parametrize("name", ["resnet20", "resnet38", "resnet74"])
+@pytest.mark.parametrize("weighting", ["blocks", "macs"])
+def test_reachable_range_is_the_authors_for_every_cifar_resnet(name, weighting):
+  model = nnx.eval_shape(lambda: models.create(f"gated_{name}", num_classes=10,
+                                               rngs=nnx.Rngs(0)))
+  weights = cost.block_weights(model.layer_macs(), weighting)
+  a, g, w = model.fw_candidates, model.bw_candidates, model.weight_bits
+  every = lambda k: jax.nn.one_hot(jnp.full((model.num_blocks, 2), k), len(a))
+  cheapest, dearest = float(cost.steer_cp(every(0), weights, a, g, w)), float(
+      cost.steer_cp(every(len(a) - 1), weights, a, g, w))
+  assert (round(cheapest, 3), round(dearest, 3)) == (1.758, 4.688) == (round(FLOOR, 3),
+                                                                     round(CEILING, 3))
+  lo, hi = cost.steer_cp_range((3, 4, 6, 8), (6, 8, 12, 16), 6)  # ImageNet candidates.
   assert (round(lo, 3), round(hi, 3)) == (2.344, 8.854)
 
 
