@@ -22,7 +22,9 @@ with status 130; a second Ctrl-C exits at once.
 """
 
 import logging as pylogging
+import os
 import pathlib
+import signal
 import sys
 
 from absl import app
@@ -56,6 +58,12 @@ def _console_logging() -> None:
   pylogging.getLogger("absl").setLevel(pylogging.WARNING)
 
 
+def _leave_now(signum, frame):
+  del frame
+  print("Interrupted before training started; nothing to save", file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -64,6 +72,9 @@ def main(argv):
   from fractrain_jax import errors, train  # pylint: disable=import-outside-toplevel
 
   _console_logging()
+  # Until the training loop takes Ctrl-C over (to save first), there is nothing
+  # to save: leave at once, without unwinding through JAX or TensorFlow.
+  signal.signal(signal.SIGINT, _leave_now)
   if FLAGS.distributed:
     jax.distributed.initialize()
   config_path = flags.FLAGS["config"].config_filename
@@ -77,6 +88,7 @@ def main(argv):
   except errors.UserError as err:
     print(f"error: {err}", file=sys.stderr)
     return USAGE_ERROR
+
   print(result)
   if "signal" in result:
     return 128 + result["signal"]  # The shell's convention: 130 after Ctrl-C.

@@ -21,6 +21,10 @@ class DataError(UserError, FileNotFoundError):
   """A dataset that is missing, empty or unreadable (the path and what to do)."""
 
 
+class DataFormatError(UserError, ValueError):
+  """A dataset whose contents cannot be used (an empty class folder, an unreadable image)."""
+
+
 class ResumeError(UserError, ValueError):
   """A workdir whose checkpoints belong to another run, or none of which restores."""
 

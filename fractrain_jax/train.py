@@ -39,7 +39,8 @@ import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fractrain_jax import config_check, cost, data, dfq, pfq, run_files, steps
-from fractrain_jax.errors import NonFiniteError, ResumeError
+from fractrain_jax.summary import TensorBoardWriter
+from fractrain_jax.errors import ConfigError, NonFiniteError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -284,29 +285,13 @@ def _check_targets_reachable(config) -> None:
                 tuple(d.bw_candidates), d.weight_bits)
 
 
-class _TensorBoard:
-  """TensorBoard scalars through tf.summary (TensorFlow is already a dependency)."""
-
-  def __init__(self, logdir: pathlib.Path):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    tf.config.set_visible_devices([], "GPU")
-    self._tf = tf
-    self._writer = tf.summary.create_file_writer(str(logdir))
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    with self._writer.as_default():
-      for k, v in scalars.items():
-        self._tf.summary.scalar(k, v, step=step)
-    self._writer.flush()
-
-
 def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
   """Data source, Trainer and the plain backbone's layers; refuses bad sizes early."""
   n_dev = config.train.num_devices or jax.device_count()
   for key in ("batch_size", "eval_batch_size"):
     if config.train[key] % n_dev:
-      raise ValueError(f"train.{key}={config.train[key]} must be divisible by the "
-                       f"{n_dev} devices")
+      raise ConfigError(f"config.train.{key}={config.train[key]} must be divisible by the "
+                        f"{n_dev} devices")
   streamed = data.is_streamed(config.data.dataset)
   t0 = time.perf_counter()
   if streamed:
@@ -318,8 +303,8 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
                               train_subset=config.data.train_subset,
                               test_subset=config.data.test_subset, seed=config.seed)
     if len(source.train_images) < config.train.batch_size:
-      raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
-                       f"{len(source.train_images)} training images")
+      raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds the "
+                        f"{len(source.train_images)} training images")
   if streamed:
     log.info("Data: %s streamed through tf.data, %d classes", config.data.dataset,
              source.num_classes)
@@ -448,10 +433,13 @@ def _train(config, workdir: pathlib.Path, checkpoints: "Checkpoints",
     state = trainer.put_replicated(state)
     log.info("Resuming %s %s in %s from step %d", config.method, config.model.name, workdir,
              int(state.step))
-  session.tensorboard = _TensorBoard(workdir / run_files.TENSORBOARD)
+  session.tensorboard = TensorBoardWriter(workdir / run_files.TENSORBOARD)
   first = int(state.step)
   stop_at = session.total_iters if stop_at is None else min(stop_at, session.total_iters)
-  state, step, stopped = _loop(session, run, state, first, stop_at)
+  try:
+    state, step, stopped = _loop(session, run, state, first, stop_at)
+  finally:
+    session.tensorboard.close()
   if stopped is not None:
     return stopped
   if step < session.total_iters:  # Stopped by stop_at, after saving a checkpoint.

@@ -28,7 +28,7 @@
 #   TRAIN_FLAGS [""]    more flags for main.py (e.g. --config.data.test_subset=500)
 #   BENCH_MODELS ["resnet38 resnet74"], BENCH_BATCH [128], BENCH_REPEATS [10],
 #   BENCH_METHODS ["fp32 static pfq dfq frac"]            the step benchmark
-#   T_INFO [30] T_PIP [60] T_TESTS [90] T_DATA [40] T_BENCH [75] T_SBM [100]
+#   T_INFO [30] T_PIP [60] T_TESTS [100] T_DATA [40] T_BENCH [70] T_SBM [100]
 #   T_FRAC [120] T_REPORT [30]  per-stage caps in seconds (each stage also stops
 #                        in time to leave REPORT_RESERVE_S [25] s for the report)
 #   FRACTRAIN_TEST_PLATFORM [gpu; cpu when JAX_PLATFORMS=cpu]  the tests' platform
@@ -135,11 +135,21 @@ info() {
 # import name:distribution, for what the project needs on this box.
 REQUIRED=${REQUIRED:-"ml_collections:ml_collections pytest:pytest jax:jax flax:flax optax:optax orbax.checkpoint:orbax-checkpoint chex:chex absl:absl-py numpy:numpy tensorboard:tensorboard tqdm:tqdm matplotlib:matplotlib PIL:Pillow"}
 SITE=$SCRATCH/site
+missing_dists() {  # the distributions of REQUIRED whose module does not import
+  # shellcheck disable=SC2086  # REQUIRED is a list.
+  "$PY" - $REQUIRED <<'EOF'
+import importlib, sys
+for pair in sys.argv[1:]:
+  module, dist = pair.split(":", 1)
+  try:
+    importlib.import_module(module)
+  except Exception:  # pylint: disable=broad-except
+    print(dist)
+EOF
+}
 pip_missing() {
-  local missing=() pair
-  for pair in $REQUIRED; do
-    "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
-  done
+  local missing=() still=()
+  mapfile -t missing < <(missing_dists)
   echo "missing before: ${missing[*]:-none}"
   if (( ${#missing[@]} )); then
     if ! "$PY" -m pip install --no-index --find-links "$WHEELS" "${missing[@]}"; then
@@ -149,11 +159,7 @@ pip_missing() {
       "$PY" -m pip install --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl || return 1
     fi
   fi
-  local still=()
-  for pair in $REQUIRED; do
-    PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "import ${pair%%:*}" 2>/dev/null \
-      || still+=("${pair#*:}")
-  done
+  mapfile -t still < <(PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} missing_dists)
   echo "missing after: ${still[*]:-none}"
   (( ${#still[@]} == 0 ))
 }
@@ -179,7 +185,7 @@ train_run() {  # method
 }
 
 # --- run --------------------------------------------------------------------
-export -f info pip_missing extract_data train_run
+export -f info missing_dists pip_missing extract_data train_run
 export PY OUT REPO WHEELS DATA_TAR DATA SCRATCH SITE REQUIRED MODEL ITERS EVAL_EVERY TRAIN_FLAGS
 echo "device check: OUT=$OUT BUDGET_S=$BUDGET_S STAGES='$STAGES' ITERS=$ITERS MODEL=$MODEL"
 if wants info; then stage info "${T_INFO:-30}" "versions and devices in info.log" -- info; fi
@@ -189,10 +195,10 @@ if wants pip; then
 fi
 if wants tests; then
   note="platform $TEST_PLATFORM"
-  if ! grep -q FRACTRAIN_TEST_PLATFORM tests/conftest.py; then
+  if [[ $TEST_PLATFORM != cpu ]] && ! grep -q FRACTRAIN_TEST_PLATFORM tests/conftest.py; then
     note="$note IGNORED: tests/conftest.py forces the CPU"
   fi
-  stage tests "${T_TESTS:-90}" "$note" -- env FRACTRAIN_TEST_PLATFORM="$TEST_PLATFORM" \
+  stage tests "${T_TESTS:-100}" "$note" -- env FRACTRAIN_TEST_PLATFORM="$TEST_PLATFORM" \
     CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}" \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_layers.py tests/test_gate.py
 fi
@@ -204,7 +210,7 @@ fi
 if wants bench; then
   for m in $BENCH_MODELS; do
     # shellcheck disable=SC2086  # BENCH_METHODS is a list.
-    stage "bench_$m" "${T_BENCH:-75}" "JSON lines in bench_$m.log" -- "$PY" -u -m fractrain_jax.benchmark step \
+    stage "bench_$m" "${T_BENCH:-70}" "JSON lines in bench_$m.log" -- "$PY" -u -m fractrain_jax.benchmark step \
       --model "$m" --batch-size "$BENCH_BATCH" --repeats "$BENCH_REPEATS" --methods $BENCH_METHODS --json
     grep '^{' "$OUT/bench_$m.log" > "$OUT/bench_$m.json" 2>/dev/null || true
   done
@@ -236,5 +242,6 @@ fi
 if [[ ${KEEP_CHECKPOINTS:-0} != 1 ]]; then
   rm -rf "$OUT"/*_"$MODEL"/checkpoints
 fi
-echo "total $(elapsed)s of BUDGET_S=$BUDGET_S; summary: $SUMMARY"
+record total - "$(elapsed)" "$BUDGET_S" "whole script"
+echo "summary: $SUMMARY"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"

@@ -3,16 +3,20 @@
 import os
 import pathlib
 import sys
+import tempfile
 
 # `pytest` as well as `python -m pytest`: the package and configs/ live at the repo root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Folder datasets cache their decoded arrays; tests keep theirs out of ~/.cache.
+os.environ.setdefault("FRACTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fractrain_cache_"))
 
 import jax  # noqa: E402
 
-jax.config.update("jax_platforms", "cpu")
+# scripts/device_check.sh runs some test files on the GPU with FRACTRAIN_TEST_PLATFORM=gpu.
+jax.config.update("jax_platforms", os.environ.get("FRACTRAIN_TEST_PLATFORM", "cpu"))
 jax.config.update("jax_num_cpu_devices", 2)
 # Tests use tiny models: compile time dominates, and these runs need no speed.
 jax.config.update("jax_disable_most_optimizations", True)

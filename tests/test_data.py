@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from fractrain_jax import data
+from fractrain_jax import data, errors
 from fractrain_jax.data import folder
 
 MEAN = np.asarray(data.CIFAR_MEAN, np.float32)
@@ -345,8 +345,9 @@ def test_folder_subsets_fixed_per_seed(tmp_path):
 
 def test_folder_errors(tmp_path):
   missing = str(tmp_path / "nope")
-  with pytest.raises(FileNotFoundError, match=missing):
+  with pytest.raises(FileNotFoundError, match=missing) as err:
     data.load_arrays(f"folder:{missing}")
+  assert isinstance(err.value, errors.DataError)  # main.py prints it as one line.
 
   only_train = _write_folder(str(tmp_path / "only_train"),
                              {"train": _two_class_layout()["train"]})

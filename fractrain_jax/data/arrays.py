@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fractrain_jax.errors import ConfigError
 from fractrain_jax.data.common import (
     CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, Float3, _check_name, _prepared_builder, _tfds,
     is_streamed)
@@ -113,7 +114,7 @@ def _take_subset(images: np.ndarray, labels: np.ndarray, size: int,
   if size == 0:
     return images, labels
   if size > labels.shape[0]:
-    raise ValueError(
+    raise ConfigError(
         f"{what}={size} exceeds the {labels.shape[0]} examples of the split "
         "(use 0 for all of them)")
   idx = subset_indices(labels, size, seed)

@@ -4,8 +4,9 @@
   (:func:`is_streamed`); every loader checks its name with :func:`_check_name`.
 * The per-channel normalization statistics (SPEC section 6).
 * TensorFlow and tensorflow-datasets, imported on first use by the functions
-  that read data (:func:`_tf`, :func:`_tfds`), never at import time, and kept
-  off the GPUs so that TensorFlow never takes accelerator memory from JAX.
+  that read TFDS datasets and the ImageNet stream (:func:`_tf`, :func:`_tfds`),
+  never at import time, and kept off the GPUs so that TensorFlow never takes
+  accelerator memory from JAX. Image folders (``folder:PATH``) need neither.
 * :func:`_prepared_builder`: the tfds builder of a dataset, refused fast (with
   what to do instead) when it is not prepared and download is off.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 from typing import Any
+
+from fractrain_jax.errors import DataError
 
 # SPEC section 6; the paper uses the CIFAR-10 statistics for every CIFAR-sized set.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -101,7 +104,7 @@ def _prepared_builder(name: str, data_dir: str | None, download: bool) -> Any:
     return builder
   # Refuse here: letting tfds try would start minutes of download retries offline.
   where = data_dir if data_dir is not None else f"{builder.data_dir_root} (the tfds default)"
-  raise FileNotFoundError(
+  raise DataError(
       f"dataset {name!r} is not prepared in data_dir={where} (looked for "
       f"{builder.data_dir}) and download is off. Either point to where it is "
       "prepared with --config.data.data_dir=..., let tfds download and prepare "

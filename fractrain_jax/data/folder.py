@@ -8,6 +8,10 @@ name) order and decoded by Pillow to RGB: grey and palette files are expanded,
 an alpha channel is dropped. No TensorFlow is imported.
 :func:`fractrain_jax.data.arrays.load_arrays` is the entry point.
 
+A missing folder raises :class:`fractrain_jax.errors.DataError` (a
+FileNotFoundError); a layout problem, an image that does not decode or one of
+another size raises ValueError; each names the folder or file and says what to do.
+
 PNG files decode to the same pixels as through tfds' ``ImageFolder`` (which
 this module used before). JPEG files decode with libjpeg's accurate integer
 DCT, which is TensorFlow's ``decode_jpeg(dct_method="INTEGER_ACCURATE")``;
@@ -50,6 +54,7 @@ import PIL
 from PIL import Image
 
 from fractrain_jax.data.common import FOLDER_PREFIX
+from fractrain_jax.errors import DataError, DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +99,20 @@ def _folder_classes(root: str, spec: str) -> list[str]:
   """Checks the folder layout; returns the class names (sorted subfolders)."""
   layout = f"expected {root}/train/<class>/*.png|jpg and {root}/test/<class>/*.png|jpg"
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"dataset {spec!r}: folder {root} does not exist; {layout}")
+    raise DataError(f"dataset {spec!r}: folder {root} does not exist; {layout}")
   classes = {}
   for split in ("train", "test"):
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-      raise FileNotFoundError(
+      raise DataError(
           f"dataset {spec!r}: folder {split_dir} does not exist; {layout}")
     classes[split] = _list_dirs(split_dir)
     if not classes[split]:
-      raise ValueError(f"dataset {spec!r}: {split_dir} has no class subfolders; {layout}")
+      raise DataFormatError(f"dataset {spec!r}: {split_dir} has no class subfolders; {layout}")
   if classes["train"] != classes["test"]:
     only_train = sorted(set(classes["train"]) - set(classes["test"]))
     only_test = sorted(set(classes["test"]) - set(classes["train"]))
-    raise ValueError(
+    raise DataFormatError(
         f"dataset {spec!r}: train and test must have the same classes; only in "
         f"train: {only_train}, only in test: {only_test}")
   return classes["train"]
@@ -123,7 +128,7 @@ def _list_split(root: str, split: str, classes: list[str], spec: str) -> list[_F
                        if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file()),
                       key=lambda e: e.name)
     if not images:
-      raise ValueError(
+      raise DataFormatError(
           f"dataset {spec!r}: class folder {class_dir} holds no .png/.jpg/.jpeg "
           "images; add its images or remove the folder from both train/ and test/")
     for e in images:
