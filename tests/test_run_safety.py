@@ -13,13 +13,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from fractrain_jax import errors, run_files, train
-from test_train import read_metrics, run_mock, tiny_config
+from test_train import _image_folder, read_metrics, run_mock, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,21 +89,10 @@ def test_nan_stops_at_the_first_bad_step(tmp_path):
   assert not (tmp_path / "metrics.jsonl").exists()  # Stopped before the first evaluation.
 
 
-def _image_folder(root, per_class=4):
-  rng = np.random.default_rng(0)
-  for split in ("train", "test"):
-    for cls in ("cat", "dog"):
-      d = root / split / cls
-      d.mkdir(parents=True)
-      for i in range(per_class):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(d / f"{i}.png")
-  return root
-
-
 def _main(tmp_path, *extra, iters=100000):
   folder = tmp_path / "images"
   if not folder.exists():
-    _image_folder(folder)
+    _image_folder(folder, per_class=4)
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   cmd = [sys.executable, "main.py", "--config", "configs/sbm_cifar10.py",
          f"--config.data.dataset=folder:{folder}", "--config.model.name=resnet8",
