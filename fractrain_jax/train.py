@@ -598,9 +598,10 @@ def _stop_diverged(session: Session, what: str) -> None:
   where = (f"kept the checkpoint of step {kept[0]} (training loss {kept[1]:.3g})" if kept
            else "no checkpoint before it had a sane training loss")
   aside = f"; moved aside step {', '.join(moved)} to {run_files.CHECKPOINTS}_bad/" if moved else ""
+  again = "resume from that checkpoint" if kept else "start over"
   raise NonFiniteError(
       f"{what} ({c.method}, {c.model.name}, lr {c.optim.lr:g}); {where}{aside}. Lower "
-      f"optim.lr or check the data, then run again to resume from the kept checkpoint")
+      f"optim.lr or check the data, then run again to {again}")
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
