@@ -234,7 +234,10 @@ def baseline_for(run: Run, runs: Sequence[Run], names: Sequence[str],
 
 
 def _ratio(cost: float | None, base: float | None) -> str:
-  return f"{100 * cost / base:.3g}%" if base and cost is not None else "n/a"
+  if not base or cost is None:
+    return "n/a"
+  percent = 100 * cost / base
+  return f"{percent:.3g}%" if percent < 1000 else f"{percent:,.0f}%"
 
 
 def sci(x: float | None) -> str:
