@@ -473,10 +473,11 @@ def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
   step = first
   bar = tqdm.tqdm(total=session.total_iters, initial=first,
                   desc=f"{config.method} {config.model.name}", dynamic_ncols=True, disable=None)
+  batches = _train_batches(session, first)
   # Console log lines go through the bar while it is drawn, so neither overwrites the other.
   with _StopRequests() as stop, logging_redirect_tqdm([logging.getLogger("fractrain_jax")]):
     try:
-      for step, batch in zip(range(first, stop_at), _train_batches(session, first)):
+      for step, batch in zip(range(first, stop_at), batches):
         if step == config.train.iters and run.phase == "train" and config.train.finetune_iters:
           run.phase = "finetune"
           log.info("Step %d: full-precision fine-tuning for %d iterations", step,
@@ -526,6 +527,8 @@ def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
           return state, step, {"stopped_at": step, "signal": stop.signum}
     finally:
       bar.close()
+      if hasattr(batches, "close"):  # Stop a stream's prefetch thread reading ahead.
+        batches.close()
   return state, step, None
 
 

@@ -254,7 +254,10 @@ def test_streamed_imagenet_path_trains_and_evaluates(tmp_path):
   config = tiny_config("static", **{"data.dataset": "imagenet2012", "model.name": "resnet18",
                                     "data.image_size": 32, "train.iters": 2,
                                     "train.batch_size": 4, "train.eval_batch_size": 4})
-  with tfds.testing.mock_data(num_examples=8):
+  # 16 batches an epoch: the prefetch thread never starts a second epoch's
+  # tf.data pipeline, whose mocked file system (process-wide, not thread-safe)
+  # would race the evaluation's.
+  with tfds.testing.mock_data(num_examples=64):
     summary = train.train_and_evaluate(config, tmp_path)
   (line,) = read_metrics(tmp_path)
   assert line["step"] == 2 and math.isfinite(line["train_loss"])
