@@ -10,7 +10,9 @@ an alpha channel is dropped. No TensorFlow is imported.
 
 A missing folder raises :class:`fractrain_jax.errors.DataError` (a
 FileNotFoundError); a layout problem, an image that does not decode or one of
-another size raises ValueError; each names the folder or file and says what to do.
+another size raises :class:`~fractrain_jax.errors.DataFormatError` (a
+ValueError); each names the folder or file and says what to do, and main.py
+prints it as one line.
 
 PNG files decode to the same pixels as through tfds' ``ImageFolder`` (which
 this module used before). JPEG files decode with libjpeg's accurate integer
@@ -151,16 +153,16 @@ def _decode(path: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _unreadable(spec: str, path: str, err: BaseException) -> ValueError:
-  return ValueError(
+def _unreadable(spec: str, path: str, err: BaseException) -> DataFormatError:
+  return DataFormatError(
       f"dataset {spec!r}: cannot read image {path} ({type(err).__name__}: {err}); "
       "replace the file with a valid .png/.jpg or delete it")
 
 
 def _size_error(spec: str, reference: tuple[str, tuple[int, ...]], path: str,
-                shape: tuple[int, ...]) -> ValueError:
+                shape: tuple[int, ...]) -> DataFormatError:
   ref_path, ref_shape = reference
-  return ValueError(
+  return DataFormatError(
       f"dataset {spec!r}: images must all have one size, but {ref_path} is "
       f"{ref_shape[0]}x{ref_shape[1]} and {path} is {shape[0]}x{shape[1]}; "
       "resize the images to one size")
@@ -172,7 +174,7 @@ def _decode_split(root: str, files: list[_File], spec: str,
 
   `reference` is (file, shape) that every image must match (the first train
   image when decoding the test split); None takes the first of `files`.
-  Raises ValueError naming the first file (in order) that cannot be decoded or
+  Raises DataFormatError naming the first file (in order) that cannot be decoded or
   whose size differs.
   """
   paths = [_path(root, f) for f in files]
