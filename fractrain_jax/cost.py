@@ -165,8 +165,7 @@ def block_weights(layers: Sequence[LayerMACs], weighting: str) -> list[float]:
 
 def _unit(a: int, g: int, w: int) -> float:
   """FW + EB + GC of one MAC at widths (a, g, w): ``(a w + g w + a g) / 32**2``."""
-  a, g, w = _width(a), _width(g), _width(w)
-  return (a * w + g * w + a * g) / FULL**2
+  return layer_cost(1, _width(a), _width(g), _width(w)).total
 
 
 def candidate_units(a: Sequence[int], g: Sequence[int], w: int) -> jnp.ndarray:

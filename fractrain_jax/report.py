@@ -252,7 +252,8 @@ def _num(x: float | None, fmt: str) -> str:
   return "n/a" if x is None else format(x, fmt)
 
 
-def _hms(seconds: float | None) -> str:
+def hms(seconds: float | None) -> str:
+  """``h:mm:ss``; "n/a" for None."""
   if seconds is None:
     return "n/a"
   s = int(round(seconds))
@@ -287,7 +288,7 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
     cells = [name, run.method, run.model, status, _num(run.final_test_acc, ".2f"),
              _num(run.best_test_acc, ".2f"), sci(run.total_cost), _ratio(run.total_cost, base.cost),
              sci(run.cost_paper), _ratio(run.cost_paper, base.cost_paper), _steer_cell(run),
-             _num(run.mean_model_cp, ".2f"), tps, _hms(run.wall_s)]
+             _num(run.mean_model_cp, ".2f"), tps, hms(run.wall_s)]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Whole-model cost: real per-layer MACs of every layer, full-precision ones at 32 bits. "

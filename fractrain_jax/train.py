@@ -39,6 +39,7 @@ import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fractrain_jax import config_check, cost, data, dfq, pfq, run_files, steps
+from fractrain_jax.report import hms
 from fractrain_jax.summary import TensorBoardWriter
 from fractrain_jax.errors import ConfigError, NonFiniteError, ResumeError
 
@@ -204,10 +205,9 @@ class Checkpoints:
     """The newest checkpoint that restores, with its RunState; (None, None) when there is none."""
     for step in self.steps():
       try:
-        run = self.read_meta(step)
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        return out["state"], run
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out["state"], RunState.from_dict(out["meta"])
       except Exception as err:  # pylint: disable=broad-except
         moved = self.move_aside(step, "unreadable")
         log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
@@ -297,6 +297,8 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
   if streamed:
     source = data.StreamData(config.data.dataset, data_dir=config.data.data_dir,
                              download=config.data.download, image_size=config.data.image_size)
+    log.info("Data: %s streamed through tf.data, %d classes", config.data.dataset,
+             source.num_classes)
   else:
     source = data.load_arrays(config.data.dataset, data_dir=config.data.data_dir,
                               download=config.data.download,
@@ -305,10 +307,6 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
     if len(source.train_images) < config.train.batch_size:
       raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds the "
                         f"{len(source.train_images)} training images")
-  if streamed:
-    log.info("Data: %s streamed through tf.data, %d classes", config.data.dataset,
-             source.num_classes)
-  else:
     log.info("Data: %s, %d training and %d test images of %dx%d, %d classes, loaded in %.1f s",
              config.data.dataset, source.num_train, source.num_test,
              source.train_images.shape[1], source.train_images.shape[2], source.num_classes,
@@ -316,7 +314,11 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
   model = steps.create_model(config, source.num_classes, config.seed)
   trainer = steps.Trainer(config, model, mean=source.mean, std=source.std,
                           data_on_device=not streamed)
-  return source, trainer, steps.plain_layer_macs(config, source.num_classes)
+  # A plain model's own table is the plain reference; capturing it again costs
+  # seconds on the deepest models.
+  plain_layers = (steps.plain_layer_macs(config, source.num_classes) if trainer.gated
+                  else trainer.layers)
+  return source, trainer, plain_layers
 
 
 def _train_batches(session: Session, start_step: int) -> Iterator[Any]:
@@ -451,13 +453,8 @@ def _train(config, workdir: pathlib.Path, checkpoints: "Checkpoints",
   log.info("Done: final test accuracy %.2f%% (best %.2f%%), cost %.3g bit-scaled MACs "
            "(%.3g of SBM 8/8), wall %s", summary["final_test_acc"], summary["best_test_acc"],
            summary["total_cost"], summary["total_cost"] / summary["cost_sbm8"],
-           _hms(summary["wall_s"]))
+           hms(summary["wall_s"]))
   return summary
-
-
-def _hms(seconds: float) -> str:
-  s = int(round(seconds))
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
@@ -510,6 +507,7 @@ def _loop(session: Session, run: RunState, state, first: int, stop_at: int):
                           cp=f"{cp:.2f}", stage=run.stage, refresh=False)
         if at_eval:
           _check_finite_step(session, metrics, step)
+          previous = None  # Checked: the next step need not fetch it again.
           run.wall_s = wall_base + time.perf_counter() - t_start
           record = _end_interval(session, run, indicator, interval, state, step, precision,
                                  target)
@@ -549,7 +547,7 @@ class _Speed:
     dt = time.perf_counter() - self.t0
     if step <= self.step0 or dt <= 0:
       return "?"
-    return _hms((total - step) * dt / (step - self.step0))
+    return hms((total - step) * dt / (step - self.step0))
 
 
 def _event_line(session: Session, record: dict, images_per_s: float | None, eta: str) -> str:

@@ -257,17 +257,26 @@ def _mixed_mode_png_folder(root):
   return root
 
 
+def _paired_with_tfds(ds, root, want, split, count):
+  """(file, our image, tfds's image) of a split, in our order; the labels must agree."""
+  images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+  files = _files_in_order(root, split)
+  assert len(files) == len(want[split]) == len(images) == count
+  pairs = []
+  for file, image, label in zip(files, images, labels):
+    want_label, want_image = want[split][file]
+    assert label == want_label, file
+    pairs.append((file, image, want_image))
+  return pairs
+
+
 def test_folder_png_matches_tfds_image_folder(tmp_path):
   root = _mixed_mode_png_folder(tmp_path / "png")
   ds = data.load_arrays(f"folder:{root}")
   want = _tfds_image_folder(root)
   for split in ("train", "test"):
     images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-    files = _files_in_order(root, split)
-    assert len(files) == len(want[split]) == len(images) == 12
-    for file, image, label in zip(files, images, labels):
-      want_label, want_image = want[split][file]
-      assert label == want_label, file
+    for file, image, want_image in _paired_with_tfds(ds, root, want, split, 12):
       np.testing.assert_array_equal(image, want_image, err_msg=file)
     # The same as sorted sets of (label, image bytes).
     assert (sorted((int(l), x.tobytes()) for l, x in zip(labels, images))
@@ -289,12 +298,7 @@ def test_folder_jpeg_matches_tensorflow_accurate_dct(tmp_path):
   want = _tfds_image_folder(root)
   tf = data.common._tf()  # pylint: disable=protected-access
   for split in ("train", "test"):
-    images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-    files = _files_in_order(root, split)
-    assert len(files) == len(want[split]) == len(images) == 9
-    for file, image, label in zip(files, images, labels):
-      want_label, want_image = want[split][file]
-      assert label == want_label, file
+    for file, image, want_image in _paired_with_tfds(ds, root, want, split, 9):
       # tfds.ImageFolder decodes with TF's default fast DCT, Pillow with the
       # accurate one: a few levels apart, and exactly TF's accurate decode.
       assert np.abs(image.astype(int) - want_image).max() <= 8, file
@@ -306,12 +310,9 @@ def test_folder_jpeg_matches_tensorflow_accurate_dct(tmp_path):
 def test_folder_real_cifar10_jpegs_match_tfds_image_folder(real_cifar10_folder):
   ds = data.load_arrays(f"folder:{real_cifar10_folder}")
   want = _tfds_image_folder(real_cifar10_folder)
-  files = _files_in_order(real_cifar10_folder, "test")
-  assert ds.num_classes == 10 and ds.num_train == 500 and len(files) == ds.num_test == 100
+  assert ds.num_classes == 10 and ds.num_train == 500 and ds.num_test == 100
   worst = 0
-  for file, image, label in zip(files, ds.test_images, ds.test_labels):
-    want_label, want_image = want["test"][file]
-    assert label == want_label
+  for _, image, want_image in _paired_with_tfds(ds, real_cifar10_folder, want, "test", 100):
     worst = max(worst, np.abs(image.astype(int) - want_image).max())
   assert worst <= 5  # Measured over all 60,000 CIFAR-10 JPEGs: at most 5, mean 1.0.
 
