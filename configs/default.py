@@ -139,6 +139,16 @@ def get_config() -> ml_collections.ConfigDict:
   # their --conv_info FLOPs table, used for MobileNetV2). The full-precision
   # layers are never in it; whole-model cost is reported separately.
   config.dfq.cost_weighting = "blocks"
+  # How a gated block runs: 'single' (one pass, the K candidate quantizations
+  # of each conv input blended by the mask; shortcuts full precision) or
+  # 'per_candidate' (the authors' CIFAR code: the block runs once per
+  # candidate, shortcut quantized at its bits, outputs blended by the mask;
+  # K times the compute). Same parameters, gate and cost accounting.
+  config.dfq.forward = "single"
+  # Gate head: 'cifar' (pool, 1x1 conv to 32, ReLU, 1x1 conv to 16; LSTM 16),
+  # 'imagenet' (pool, 1x1 conv to 40; LSTM 20), or 'auto': the authors' head
+  # for the model's input size (CIFAR for 32x32, ImageNet for 224x224).
+  config.dfq.gate_head = "auto"
 
   config.checkpoint = ml_collections.ConfigDict()
   # Number of most recent checkpoints kept in the workdir.

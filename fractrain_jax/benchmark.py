@@ -5,7 +5,9 @@ quant: forward + backward of one 3x3 conv (batch 128, 32x32, 16 channels),
   FP32, and their ratio.
 step: one whole training step (the jitted step that training runs, data
   augmentation on the device included) for each method: fp32, static (8/8),
-  pfq (its first stage), dfq and frac (gated model), timed after compilation.
+  pfq (its first stage), dfq and frac (gated model), and dfq_per_candidate
+  (dfq with the authors' per-candidate block forward, ``dfq.forward``),
+  timed after compilation.
   The methods take turns (one untimed and one timed step each), so drift in
   the machine's speed affects them alike.
 
@@ -24,6 +26,12 @@ import time
 from typing import Any, Callable
 
 from fractrain_jax import platform
+
+# Benchmark variants beyond the training methods: name -> (method, config overrides).
+VARIANTS = {"dfq_per_candidate": ("dfq", {"forward": "per_candidate"}),
+            "frac_per_candidate": ("frac", {"forward": "per_candidate"})}
+STEP_METHODS = ("fp32", "static", "pfq", "dfq", "frac") + tuple(VARIANTS)
+
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:
   """Median wall time of fn() in seconds; fn must block until its result is ready."""
@@ -90,7 +98,9 @@ class StepRunner:
     from fractrain_jax import data, steps
 
     config = default.get_config()
+    method, dfq_overrides = VARIANTS.get(method, (method, {}))
     config.method = method
+    config.dfq.update(dfq_overrides)
     config.model.name = model_name
     config.train.batch_size = batch_size
     model = steps.create_model(config, num_classes, seed)
@@ -158,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                       "dfq and frac use its gated_ version")
   s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
   s.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
-  s.add_argument("--methods", nargs="+", default=["fp32", "static", "pfq", "dfq", "frac"],
-                 help="methods to time, in turn (default: all five); fp32 is the ratios' base")
+  s.add_argument("--methods", nargs="+", choices=STEP_METHODS,
+                 default=["fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate"],
+                 help="methods to time, in turn (default: all but frac_per_candidate); fp32 "
+                      "is the ratios' base")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")

@@ -21,11 +21,13 @@ import ml_collections
 from fractrain_jax import cost, models, optim, quant, steps
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.data import common as datasets
-from fractrain_jax.models import gate
+from fractrain_jax.models import gate, gated
 
 METHODS = steps.METHODS
 LR_SCHEDULES = optim.LR_SCHEDULES
 GATES = gate.SAMPLERS
+GATE_HEADS = ("auto",) + tuple(gate.HEADS)
+FORWARDS = gated.FORWARDS
 DATASETS = datasets.ARRAY_DATASETS + datasets.STREAMED_DATASETS
 FOLDER_PREFIX = datasets.FOLDER_PREFIX
 MAX_BITS = quant.MAX_BITS
@@ -216,6 +218,8 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
   _real_in(config, "dfq.tau_start", 0.0, lo_open=True)
   _real_in(config, "dfq.tau_end", 0.0, lo_open=True)
   _choice(config, "dfq.cost_weighting", cost.WEIGHTINGS)
+  _choice(config, "dfq.forward", FORWARDS)
+  _choice(config, "dfq.gate_head", GATE_HEADS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

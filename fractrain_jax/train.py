@@ -134,6 +134,12 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.method in steps.GATED_METHODS:
     d = config.dfq
     identity["candidates"] = [list(d.fw_candidates), list(d.bw_candidates), d.weight_bits]
+    # Only where they differ from the defaults, so checkpoints written before
+    # these options existed still match.
+    if d.forward != "single":
+      identity["forward"] = d.forward
+    if d.gate_head != "auto":
+      identity["gate_head"] = d.gate_head
   return identity
 
 

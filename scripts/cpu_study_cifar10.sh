@@ -9,7 +9,8 @@
 #   OUT_ROOT  where the five workdirs and the report go (default: runs/cpu_study)
 # Environment: MODEL (resnet20), ITERS (1500), EVAL_EVERY (25), TEST_SUBSET (2000),
 #   METHODS ("fp32 sbm pfq dfq frac dfq_hard"), PYTHON (python3). Each entry names
-#   configs/<entry>_cifar10.py; dfq_hard is DFQ with the authors' argmax gate.
+#   configs/<entry>_cifar10.py; dfq_hard is DFQ with the authors' argmax gate and
+#   dfq_per_candidate DFQ with the authors' per-candidate block forward.
 set -euo pipefail
 
 [[ $# -ge 1 && -d $1/train && -d $1/test ]] || {
@@ -32,6 +33,7 @@ for m in $METHODS; do
   echo "=== $m ($(date -u +%H:%M:%S))"
   recipe=$m extra=()
   if [[ $m == dfq_hard ]]; then recipe=dfq extra=(--config.dfq.gate=hard); fi
+  if [[ $m == dfq_per_candidate ]]; then recipe=dfq extra=(--config.dfq.forward=per_candidate); fi
   "$PY" main.py --config "configs/${recipe}_cifar10.py" --workdir "$OUT/$m" "${extra[@]}" \
     --config.data.dataset="folder:$DATA_DIR" --config.data.test_subset="$TEST_SUBSET" \
     --config.model.name="$MODEL" --config.train.iters="$ITERS" \

@@ -30,6 +30,21 @@ def test_step_prints_one_row_per_method_with_ratios_to_fp32():
   assert rows[0]["ratio_to_fp32"] == 1.0
 
 
+def test_per_candidate_variant_runs_dfq_with_the_authors_block_forward():
+  runner = benchmark.StepRunner.create("dfq_per_candidate", model_name="resnet8",
+                                       batch_size=2, num_classes=10)
+  assert runner.trainer.method == "dfq"
+  assert runner.trainer.config.dfq.forward == "per_candidate"
+  # Only the per-candidate forward quantizes (and charges) shortcuts at the block's choice.
+  assert any(l.kind == "gated" and "shortcut" in l.name for l in runner.trainer.layers)
+
+
+def test_unknown_step_method_is_refused(capsys):
+  with pytest.raises(SystemExit):
+    benchmark.main(["step", "--methods", "dfq_twice"])
+  assert "dfq_per_candidate" in capsys.readouterr().err
+
+
 def test_quant_compares_each_quantized_conv_with_fp32():
   rows = run_json(["quant", "--batch-size", "2", "--repeats", "2"])
   assert [r["variant"] for r in rows] == ["fp32", "quantized_8_8", "quantized_4_6"]

@@ -152,8 +152,11 @@ def test_batch_stats_are_not_parameters():
   assert not params & {path for path, _ in stats}
 
 
-def _gate_head_params(channels: int) -> int:
-  """GAP -> 1x1 conv (with bias) to 32 -> ReLU -> 1x1 conv (with bias) to 16."""
+def _gate_head_params(channels: int, imagenet: bool) -> int:
+  """CIFAR: GAP -> 1x1 conv (with bias) to 32 -> ReLU -> 1x1 conv (with bias) to 16.
+  ImageNet: GAP -> one 1x1 conv (with bias) to 40."""
+  if imagenet:
+    return channels * 40 + 40
   return channels * 32 + 32 + 32 * 16 + 16
 
 
@@ -186,10 +189,15 @@ def test_gated_resnet38_gate_heads():
 def test_gated_parameter_count(name, num_classes, k):
   gated = abstract(f"gated_{name}", num_classes)
   backbone = n_params(abstract(name, num_classes))
-  heads = sum(_gate_head_params(c) for c in _decision_channels(name))
-  # LSTM, hidden 16, input 16: input kernels 4x16x16, recurrent kernels 4x16x16, one bias 4x16.
-  lstm = 4 * (16 * 16) + 4 * (16 * 16 + 16)
-  projection = 16 * k + k
+  imagenet = gated.image_size == 224
+  assert gated.gate_head == ("imagenet" if imagenet else "cifar")
+  heads = sum(_gate_head_params(c, imagenet) for c in _decision_channels(name))
+  # nnx.LSTMCell(embed, hidden): input kernels 4 x embed x hidden, recurrent kernels
+  # 4 x hidden x hidden, one bias 4 x hidden (PyTorch's nn.LSTM has a second, redundant
+  # bias). Embed and hidden: 16 and 16 (CIFAR), 40 and 20 (ImageNet).
+  embed, hidden = (40, 20) if imagenet else (16, 16)
+  lstm = 4 * (embed * hidden) + 4 * (hidden * hidden + hidden)
+  projection = hidden * k + k
   assert gated.num_blocks == len(_decision_channels(name))
   assert gated.num_candidates == k
   assert n_params(gated) == backbone + heads + lstm + projection
@@ -344,9 +352,15 @@ def test_custom_module_gets_its_cost_table_by_capture():
   plain = capture_layer_macs(net, forward, (1, 12, 12, 3))
   assert plain == [LayerMACs(name, macs, kind, fixed=fixed(kind))
                    for name, macs, kind, _, _ in want]
-  gated = capture_layer_macs(net, forward, (1, 12, 12, 3), gated=True)
+  gated = capture_layer_macs(net, forward, (1, 12, 12, 3), gated=(BRANCH,))
   assert gated == [LayerMACs(name, macs, kind, block=block, fixed=fixed(kind))
                    for name, macs, _, kind, block in want]
+  # The per-candidate forward also charges projection shortcuts to their block.
+  both = capture_layer_macs(net, forward, (1, 12, 12, 3), gated=(BRANCH, SHORTCUT))
+  assert both == [LayerMACs(name, macs, "gated" if ".shortcut" in name else kind,
+                            block=(int(name[7]) if ".shortcut" in name else block),
+                            fixed=fixed(kind))
+                  for name, macs, _, kind, block in want]
 
 
 def _has_cost_records(tree) -> bool:

@@ -8,7 +8,8 @@ for smoke runs. Each is also available as
 Plain models: ``model(x, bits=None, *, key=None) -> logits``.
 Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
 -> (logits, masks)``, options ``fw_candidates``, ``bw_candidates``,
-``weight_bits``, ``gate``. Both take ``act_momentum``.
+``weight_bits``, ``gate``, ``gate_head`` and ``forward`` (``GatedModel``).
+Both take ``act_momentum``.
 Every model has ``image_size``, ``num_blocks`` and ``layer_macs()``.
 """
 
@@ -59,7 +60,7 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   act_momentum: momentum of every QConv's running input range (SPEC section 1;
     ``None`` keeps QConv's 0.9).
   options: the gated model's ``fw_candidates``, ``bw_candidates``,
-    ``weight_bits`` and ``gate`` (plain models take none).
+    ``weight_bits``, ``gate``, ``gate_head`` and ``forward`` (plain models take none).
   """
   gated = name.startswith(GATED_PREFIX)
   base = name[len(GATED_PREFIX):] if gated else name

@@ -116,11 +116,12 @@ class Backbone(nnx.Module):
     """Logits at ``bits = (b_a, b_g)`` (``None``: FP32); ``Plan.static`` says where they go."""
     return self.forward(x, Plan.static(bits, self.num_blocks), key=key)
 
-  def layer_macs(self, *, gated: bool = False) -> list[cost.LayerMACs]:
+  def layer_macs(self, *, gated: Sequence[str] = ()) -> list[cost.LayerMACs]:
     """Every conv and the classifier with its forward MACs per sample at ``image_size``.
 
-    gated: label the layers as a gated model runs them (branch convs "gated"
-    with their block index; stem, shortcuts and head "fp").
+    gated: the layer roles a gate sets (``layers.BRANCH``, and ``SHORTCUT`` in
+    the per-candidate forward); their convs are labelled "gated" with their
+    block index, the stem, other shortcuts and the head "fp". Empty: a plain model.
     """
     # MACs do not depend on precision: one full-precision pass finds every layer.
     return capture_layer_macs(self, lambda model, x: model(x),

@@ -25,10 +25,11 @@ from fractrain_jax.layers import (BRANCH, CLASSIFIER, DEPTHWISE, OUTER, SHORTCUT
                                   recording_costs)
 from fractrain_jax.models.parts import DEPTHWISE_BITS
 
-# Cost kind of each role (cost.LayerMACs.kind), in the plain and in the gated models.
+# Cost kind of each role (cost.LayerMACs.kind) in the plain models, and in the gated
+# ones for the roles their gate does not set.
 PLAIN_KINDS = {OUTER: "static", BRANCH: "static", SHORTCUT: "static", DEPTHWISE: "fixed",
                CLASSIFIER: "fp"}
-GATED_KINDS = {OUTER: "fp", BRANCH: "gated", SHORTCUT: "fp", DEPTHWISE: "fixed",
+GATED_KINDS = {OUTER: "fp", BRANCH: "fp", SHORTCUT: "fp", DEPTHWISE: "fixed",
                CLASSIFIER: "fp"}
 
 Path = tuple[Any, ...]
@@ -74,16 +75,17 @@ def capture_records(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array
 
 
 def capture_layer_macs(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array], Any],
-                       input_shape: Sequence[int], *, gated: bool = False,
+                       input_shape: Sequence[int], *, gated: Sequence[str] = (),
                        name: Callable[[Path], str] = path_name) -> list[cost.LayerMACs]:
   """The cost table of ``forward(module, x)``: one row per layer call, in call order.
 
-  gated: label the layers as a gated model runs them (branch convs "gated"
-    with the block index of their ``blocks.<l>`` path; stem, shortcuts, head
-    conv and classifier "fp").
+  gated: the roles a gate sets; empty for a plain model. Otherwise the layers
+    are labelled as a gated model runs them: those roles "gated" with the
+    block index of their ``blocks.<l>`` path, depthwise convs "fixed", every
+    other layer "fp".
   name: a layer's row name from its path.
   """
-  kinds = GATED_KINDS if gated else PLAIN_KINDS
+  kinds = {**GATED_KINDS, **{role: "gated" for role in gated}} if gated else PLAIN_KINDS
   fixed = (DEPTHWISE_BITS.a, DEPTHWISE_BITS.g, DEPTHWISE_BITS.w)
   layers = []
   for path, macs, role in capture_records(module, forward, input_shape):

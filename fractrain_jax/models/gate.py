@@ -1,12 +1,19 @@
 """DFQ's precision gate (SPEC section 4): per-decision heads, one shared LSTM cell, K logits.
 
-Decision l reads the features entering block l (the stem's output for l = 0):
-global average pool, 1x1 conv (with bias) to 32, ReLU, 1x1 conv (with bias)
-to the 16-wide embedding. On a pooled 1x1 map a 1x1 conv is a dense layer, so
-the heads are written as ``nnx.Linear`` (same parameters, same init rule).
-The embedding steps one LSTM cell shared by all decisions, whose state starts
-at zero in every forward pass; a dense layer maps its hidden state to the K
-candidates' logits.
+Decision l reads the features entering block l (the stem's output for l = 0)
+through its own head, in one of the authors' two layouts (``HEADS``):
+
+- ``"cifar"`` (fractrain_cifar/models.py:416, 494-501): global average pool, 1x1
+  conv (with bias) to 32, ReLU, 1x1 conv (with bias) to a 16-wide embedding;
+  LSTM hidden size 16.
+- ``"imagenet"`` (fractrain_imagenet/models.py:289, 304-305, 356-362): global
+  average pool, one 1x1 conv (with bias) to a 40-wide embedding; LSTM hidden
+  size 20.
+
+On a pooled 1x1 map a 1x1 conv is a dense layer, so the heads are written as
+``nnx.Linear`` (same parameters, same init rule). The embedding steps one LSTM
+cell shared by all decisions, whose state starts at zero in every forward
+pass; a dense layer maps its hidden state to the K candidates' logits.
 
 The mask of a decision is exactly one-hot in the forward pass:
 - training, ``sampler="gumbel"``: straight-through Gumbel-softmax;
@@ -17,6 +24,7 @@ The mask of a decision is exactly one-hot in the forward pass:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Sequence
 
@@ -27,10 +35,20 @@ from flax import nnx
 from fractrain_jax.layers import conv_init, dense_init
 from fractrain_jax.models.parts import global_avg_pool
 
-HEAD_WIDTH = 32
-EMBED = 16
-HIDDEN = 16
 SAMPLERS = ("gumbel", "hard")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+  """A gate layout: the head's hidden 1x1 conv width (None: no hidden conv), its
+  embedding width, and the LSTM's hidden size."""
+  hidden: int | None
+  embed: int
+  lstm_hidden: int
+
+
+HEADS = {"cifar": HeadLayout(hidden=32, embed=16, lstm_hidden=16),
+         "imagenet": HeadLayout(hidden=None, embed=40, lstm_hidden=20)}
 
 LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carries it.
 
@@ -69,47 +87,60 @@ def hard_argmax_st(logits: jax.Array) -> jax.Array:
   return _straight_through(hard, soft)
 
 
-class GateHead(nnx.Module):
-  """Pooled features -> 1x1 conv to 32 -> ReLU -> 1x1 conv to the 16-wide embedding."""
+def _conv1x1(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, kernel_init=conv_init(1, out_features),
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-  def __init__(self, in_features: int, *, rngs: nnx.Rngs):
-    zeros = nnx.initializers.zeros_init()
-    self.hidden = nnx.Linear(in_features, HEAD_WIDTH, kernel_init=conv_init(1, HEAD_WIDTH),
-                             bias_init=zeros, rngs=rngs)
-    self.embed = nnx.Linear(HEAD_WIDTH, EMBED, kernel_init=conv_init(1, EMBED),
-                            bias_init=zeros, rngs=rngs)
+
+class GateHead(nnx.Module):
+  """Pooled features -> [1x1 conv to ``hidden`` -> ReLU ->] 1x1 conv to the embedding."""
+
+  def __init__(self, in_features: int, layout: HeadLayout, *, rngs: nnx.Rngs):
+    self.hidden = (None if layout.hidden is None
+                   else _conv1x1(in_features, layout.hidden, rngs))
+    self.embed = _conv1x1(in_features if layout.hidden is None else layout.hidden,
+                          layout.embed, rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
-    return self.embed(jax.nn.relu(self.hidden(global_avg_pool(features))))
+    h = global_avg_pool(features)
+    if self.hidden is not None:
+      h = jax.nn.relu(self.hidden(h))
+    return self.embed(h)
 
 
 class Gate(nnx.Module):
   """One head per decision, the shared LSTM cell and the projection to K logits.
 
   in_features: channels of the features each decision reads, in order.
+  head: the layout, a key of ``HEADS``.
   """
 
   def __init__(self, in_features: Sequence[int], num_candidates: int, *,
-               sampler: str = "gumbel", rngs: nnx.Rngs):
+               sampler: str = "gumbel", head: str = "cifar", rngs: nnx.Rngs):
     if sampler not in SAMPLERS:
       raise ValueError(f"gate={sampler!r}; expected one of {SAMPLERS}")
-    self.heads = nnx.List([GateHead(c, rngs=rngs) for c in in_features])
-    self.lstm = nnx.LSTMCell(EMBED, HIDDEN, rngs=rngs)
-    self.project = nnx.Linear(HIDDEN, num_candidates,
-                              kernel_init=dense_init(HIDDEN, num_candidates),
+    if head not in HEADS:
+      raise ValueError(f"gate_head={head!r}; expected one of {tuple(HEADS)}")
+    layout = HEADS[head]
+    hidden = layout.lstm_hidden
+    self.heads = nnx.List([GateHead(c, layout, rngs=rngs) for c in in_features])
+    self.lstm = nnx.LSTMCell(layout.embed, hidden, rngs=rngs)
+    self.project = nnx.Linear(hidden, num_candidates,
+                              kernel_init=dense_init(hidden, num_candidates),
                               bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.hidden_size = hidden
     self.sampler = sampler
     self.num_candidates = num_candidates
     # Flipped by model.eval() / model.train(): evaluation takes the plain argmax.
     self.deterministic = False
 
-
   def set_view(self, deterministic: bool | None = None):
     """``nnx.view(model, deterministic=True)``: evaluation takes the plain argmax."""
     if deterministic is not None:
       self.deterministic = deterministic
+
   def initial_state(self, batch: int) -> LSTMState:
-    zeros = jnp.zeros((batch, HIDDEN), jnp.float32)
+    zeros = jnp.zeros((batch, self.hidden_size), jnp.float32)
     return zeros, zeros
 
   def logits(self, index: int, features: jax.Array, state: LSTMState

@@ -2,11 +2,25 @@
 
 The gate decides block l's precision from the features entering block l (the
 stem's output for block 0), so only L decisions are made and L heads built;
-no head reads the last block's output. Block l's branch convs run at
-``GatedBits(mask[l], a=fw_candidates, g=bw_candidates, w=weight_bits)``: one
-pass whose inputs blend the K candidate quantizations by the mask (see
-``layers.QConv``). Stem, shortcuts, MobileNetV2's last 1x1 conv and the
-classifier are full precision; depthwise convs stay at (8, 16, 8).
+no head reads the last block's output. Two ways to run a gated block
+(``FORWARDS``), with the same parameters, gate and cost accounting:
+
+- ``"single"`` (the default, and the authors' ImageNet computation): block l's
+  branch convs run once at ``GatedBits(mask[l], a=fw_candidates,
+  g=bw_candidates, w=weight_bits)``, their inputs blending the K candidate
+  quantizations by the mask (see ``layers.QConv``); shortcuts stay full
+  precision. The gate's gradient comes through the blended inputs.
+- ``"per_candidate"`` (the authors' CIFAR computation,
+  fractrain_cifar/models.py:537-550): block l runs K times, once per
+  candidate at ``StaticBits(a_k, g_k, weight_bits)``, its projection shortcut
+  included (their ``downsample`` is built with the DFQ weight bits,
+  models.py:485, and called with the block's bits, models.py:73-74), and the
+  K outputs are blended by the mask. BatchNorm and the input ranges see each
+  candidate's whole batch, in candidate order, and the gate's gradient comes
+  from the block outputs. K times the compute of the single pass.
+
+Stem, MobileNetV2's last 1x1 conv and the classifier are full precision in
+both; depthwise convs stay at (8, 16, 8).
 """
 
 from __future__ import annotations
@@ -19,29 +33,65 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fractrain_jax import cost, quant
-from fractrain_jax.layers import GatedBits
+from fractrain_jax.layers import BRANCH, SHORTCUT, GatedBits, StaticBits
 from fractrain_jax.models.backbone import Backbone, Plan
-from fractrain_jax.models.gate import Gate
-from fractrain_jax.models.parts import layer_key
+from fractrain_jax.models.gate import HEADS, Gate
+from fractrain_jax.models.parts import BlockBits, layer_key
+from fractrain_jax.models.residual import BasicBlock, Bottleneck
 
 # SPEC section 4 and the README examples, by input size: (b_a, b_g candidates, b_w).
 DEFAULT_CANDIDATES = {
     32: ((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4),      # CIFAR
     224: ((3, 4, 6, 8), (6, 8, 12, 16), 6),          # ImageNet
 }
+# The authors' gate head by input size (models/gate.py).
+DEFAULT_HEADS = {32: "cifar", 224: "imagenet"}
+FORWARDS = ("single", "per_candidate")
+
+
+def per_candidate_block(block: nnx.Module, h: jax.Array, mask: jax.Array,
+                        candidates: Sequence[StaticBits], depthwise, *,
+                        key: jax.Array | None) -> jax.Array:
+  """The authors' CIFAR block: ``sum_k mask[:, k] * block(h, candidate k)``.
+
+  Every candidate pass quantizes the branch and the projection shortcut at
+  ``candidates[k]``, and rounds its gradients with its own key (``key``
+  folded with k), as the authors' separate calls draw separate noise.
+  """
+  if isinstance(block, (BasicBlock, Bottleneck)) and block.shortcut is not None:
+    # The authors' ResNets also run the projection shortcut once at full
+    # precision (models.py:529-530), for a 0-bit "skip" candidate; none is
+    # configured here, so the output is unused, but the call updates the
+    # shortcut BN's running statistics, and that is kept. (Their MobileNetV2,
+    # models.py:791-796, has no such call.)
+    block.shortcut(h, None, key=None)
+  out = None
+  for k, bits in enumerate(candidates):
+    y = block(h, BlockBits(branch=bits, shortcut=bits, depthwise=depthwise),
+              key=layer_key(key, k))
+    term = mask[:, k].reshape((-1,) + (1,) * (y.ndim - 1)) * y
+    out = term if out is None else out + term
+  return out
 
 
 class GatedModel(nnx.Module):
   """``model(x, *, key=None, tau=1.0, force=None) -> (logits, masks)``.
 
-  Candidates default by input size: CIFAR (3,4,4,6,6) / (6,6,8,8,12) with
-  4-bit weights, ImageNet (3,4,6,8) / (6,8,12,16) with 6-bit weights.
+  Candidates and gate head default by input size: CIFAR (3,4,4,6,6) /
+  (6,6,8,8,12) with 4-bit weights and the CIFAR head, ImageNet (3,4,6,8) /
+  (6,8,12,16) with 6-bit weights and the ImageNet head.
   """
 
   def __init__(self, backbone: Backbone, *, fw_candidates: Sequence[int] | None = None,
                bw_candidates: Sequence[int] | None = None, weight_bits: int | None = None,
-               gate: str = "gumbel", rngs: nnx.Rngs):
-    """gate: "gumbel" (straight-through Gumbel-softmax) or "hard" (the authors' argmax)."""
+               gate: str = "gumbel", gate_head: str | None = None, forward: str = "single",
+               rngs: nnx.Rngs):
+    """gate: "gumbel" (straight-through Gumbel-softmax) or "hard" (the authors' argmax).
+    gate_head: a ``gate.HEADS`` layout; None picks the authors' one for the input size.
+    forward: how a gated block runs, one of ``FORWARDS`` (see the module docstring).
+    """
+    if forward not in FORWARDS:
+      raise ValueError(f"forward={forward!r}; expected one of {FORWARDS}")
     default_a, default_g, default_w = DEFAULT_CANDIDATES[backbone.image_size]
     a = tuple(default_a if fw_candidates is None else fw_candidates)
     g = tuple(default_g if bw_candidates is None else bw_candidates)
@@ -58,11 +108,16 @@ class GatedModel(nnx.Module):
     self.fw_candidates = tuple(int(b) for b in a)
     self.bw_candidates = tuple(int(b) for b in g)
     self.weight_bits = int(w)
+    self.forward_mode = forward
+    head = DEFAULT_HEADS[backbone.image_size] if gate_head is None else gate_head
+    if head not in HEADS:
+      raise ValueError(f"gate_head={head!r}; expected one of {tuple(HEADS)}")
+    self.gate_head = head
     blocks = backbone.blocks
     # Decision l reads what enters block l: the stem for l = 0, block l-1 after that.
     read = [backbone.stem.out_features] + [blocks[l].out_features
                                            for l in range(len(blocks) - 1)]
-    self.gate = Gate(read, len(a), sampler=gate, rngs=rngs)
+    self.gate = Gate(read, len(a), sampler=gate, head=head, rngs=rngs)
 
   @property
   def image_size(self) -> int:
@@ -81,8 +136,18 @@ class GatedModel(nnx.Module):
 
     MACs do not depend on precision or on the gate (which is no conv), so the
     plain backbone's full-precision pass finds the same layers as this one.
+    The per-candidate forward runs projection shortcuts at the block's choice,
+    so there they are charged to the block as well. Either way a step is
+    charged for the chosen candidate only, as the paper counts it, not for the
+    K passes the per-candidate forward computes.
     """
-    return self.backbone.layer_macs(gated=True)
+    roles = (BRANCH, SHORTCUT) if self.forward_mode == "per_candidate" else (BRANCH,)
+    return self.backbone.layer_macs(gated=roles)
+
+  def candidate_bits(self) -> tuple[StaticBits, ...]:
+    """Candidate k as a static precision: ``StaticBits(a_k, g_k, weight_bits)``."""
+    return tuple(StaticBits(a=a, g=g, w=self.weight_bits)
+                 for a, g in zip(self.fw_candidates, self.bw_candidates))
 
   def block_bits(self, mask: jax.Array) -> GatedBits:
     return GatedBits(mask, a=self.fw_candidates, g=self.bw_candidates, w=self.weight_bits)
@@ -122,7 +187,12 @@ class GatedModel(nnx.Module):
         mask = jnp.broadcast_to(jax.nn.one_hot(force, k, dtype=jnp.float32), (batch, k))
       masks.append(mask)
       bits = plan.block_bits(index)
-      if not full_precision:
-        bits = dataclasses.replace(bits, branch=self.block_bits(mask))
-      h = block(h, bits, key=block_keys[index])
+      if full_precision:
+        h = block(h, bits, key=block_keys[index])
+      elif self.forward_mode == "per_candidate":
+        h = per_candidate_block(block, h, mask, self.candidate_bits(), bits.depthwise,
+                                key=block_keys[index])
+      else:
+        h = block(h, dataclasses.replace(bits, branch=self.block_bits(mask)),
+                  key=block_keys[index])
     return backbone.head(h, plan.outer, key=head_key), jnp.stack(masks)
