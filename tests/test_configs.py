@@ -242,6 +242,8 @@ BAD = [
     ("dfq", "dfq.tau_start", 0.0),
     ("dfq", "dfq.tau_end", -1.0),
     ("dfq", "dfq.cost_weighting", "flops"),
+    ("dfq", "dfq.forward", "twice"),
+    ("frac", "dfq.gate_head", "wide"),
     ("fp32", "checkpoint.keep", 0),
 ]
 
@@ -261,6 +263,8 @@ def test_good_variants_pass():
       ("fp32", "optim.schedule", "cosine"),
       ("pfq", "pfq.fw_schedule", (2, 4, 8, 32)),
       ("dfq", "dfq.target_cp", 100.0),
+      ("dfq", "dfq.forward", "per_candidate"),
+      ("frac", "dfq.gate_head", "imagenet"),
       # FracTrain does not read the PFQ schedules, so their stage count is free.
       ("frac", "pfq.num_turning_points", 5),
   ]:

@@ -61,6 +61,15 @@ def test_resuming_with_another_run_is_refused_before_anything_is_written(tmp_pat
   assert summary["iters"] == 4
 
 
+def test_gated_forward_and_gate_head_are_part_of_a_run_only_when_not_default():
+  base = train.run_identity(tiny_config("dfq"))
+  assert "forward" not in base and "gate_head" not in base  # Older checkpoints still match.
+  assert train.run_identity(tiny_config("dfq", **{"dfq.forward": "per_candidate"})) == {
+      **base, "forward": "per_candidate"}
+  assert train.run_identity(tiny_config("frac", **{"dfq.gate_head": "imagenet"}))[
+      "gate_head"] == "imagenet"
+
+
 def test_a_diverged_run_keeps_its_newest_sane_checkpoint(tmp_path):
   config = tiny_config("fp32", **{"train.iters": 6})
   run_mock(config, tmp_path, stop_at=4)

@@ -69,9 +69,12 @@ def final_params(config, workdir):
   return jax.device_get(state.params), run
 
 
-@pytest.mark.parametrize("method", ["fp32", "static", "pfq", "dfq", "frac"])
+@pytest.mark.parametrize("method", ["fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate"])
 def test_each_method_trains_end_to_end(method, tmp_path):
-  config = tiny_config(method)
+  if method == "dfq_per_candidate":  # DFQ with the authors' per-candidate block forward.
+    method, config = "dfq", tiny_config("dfq", **{"dfq.forward": "per_candidate"})
+  else:
+    config = tiny_config(method)
   summary = run_mock(config, tmp_path)
   lines = read_metrics(tmp_path)
   assert [l["step"] for l in lines] == [2, 4]
