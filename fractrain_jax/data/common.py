@@ -26,9 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FOLDER_PREFIX = "folder:"
+TEXT_PREFIX = "text:"  # A word-level corpus (data/text.py): the Transformer LM's data.
 ARRAY_DATASETS = ("cifar10", "cifar100")
 STREAMED_DATASETS = ("imagenet2012",)
-DATASETS = ARRAY_DATASETS + STREAMED_DATASETS + (FOLDER_PREFIX + "PATH",)
+DATASETS = ARRAY_DATASETS + STREAMED_DATASETS + (FOLDER_PREFIX + "PATH", TEXT_PREFIX + "PATH")
 
 Float3 = tuple[float, float, float]
 
@@ -48,8 +49,20 @@ def _check_name(dataset: str) -> None:
           f"dataset={dataset!r} names no folder: use folder:PATH with "
           "PATH/train/<class>/ and PATH/test/<class>/")
     return
+  if dataset.startswith(TEXT_PREFIX):
+    if not dataset[len(TEXT_PREFIX):]:
+      raise ValueError(
+          f"dataset={dataset!r} names no folder: use text:PATH with "
+          "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt")
+    return
   if dataset not in ARRAY_DATASETS + STREAMED_DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
+
+
+def is_text(dataset: str) -> bool:
+  """True for a word-level corpus (``text:PATH``), read by ``data/text.py``."""
+  _check_name(dataset)
+  return dataset.startswith(TEXT_PREFIX)
 
 
 def is_streamed(dataset: str) -> bool:
