@@ -218,3 +218,20 @@ def test_bad_lm_configs_are_refused_early(key, value, match):
 def test_a_text_dataset_needs_the_lm():
   with pytest.raises(ConfigError, match="expected 'transformer_lm'"):
     config_check.validate(lm_config("fp32", "text:/data", **{"model.name": "resnet20"}))
+
+
+def test_report_shows_perplexity_for_lm_runs(tmp_path):
+  from fractrain_jax import report  # pylint: disable=import-outside-toplevel
+
+  for name, ppl in (("sbm", 300.0), ("pfq", 320.0)):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    line = {"step": 10, "test_loss": math.log(ppl), "test_acc": 9.0, "test_ppl": ppl,
+            "cost": 1e9, "method": "static" if name == "sbm" else "pfq", "stage": 0,
+            "model": models.LM, "model_cp": 50.0}
+    (workdir / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+  runs = [report.load_run(tmp_path / n) for n in ("sbm", "pfq")]
+  table = report.markdown_table(runs)
+  assert "final test ppl" in table and "final acc" not in table
+  assert "| 300.00 | 300.00 |" in table and "| 320.00 | 320.00 |" in table
+  assert [p.name for p in report.plot_all(runs, tmp_path / "out")][0] == "ppl_vs_cost.png"
