@@ -154,12 +154,7 @@ def lm_config(method, dataset, /, **overrides):
   config.optim.boundaries = (3,)
   config.pfq.update(fw_schedule=(4, 8), bw_schedule=(8, 8), num_turning_points=1, window=2,
                     scale_epochs=1, eps=10.0)  # eps 10: a turning point once the window fills.
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # Keys such as "model.lm.heads".
   return config
 
 

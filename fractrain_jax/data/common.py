@@ -39,22 +39,22 @@ Float3 = tuple[float, float, float]
 # ---------------------------------------------------------------------------
 
 
+# The layout each ``PREFIX:PATH`` dataset expects under PATH.
+_PATH_LAYOUTS = {
+    FOLDER_PREFIX: "PATH/train/<class>/ and PATH/test/<class>/",
+    TEXT_PREFIX: "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt",
+}
+
+
 def _check_name(dataset: str) -> None:
   """Refuses a dataset name that is not one of DATASETS."""
   if not isinstance(dataset, str):
     raise ValueError(f"dataset={dataset!r} is not a string; accepted: {DATASETS}")
-  if dataset.startswith(FOLDER_PREFIX):
-    if not dataset[len(FOLDER_PREFIX):]:
-      raise ValueError(
-          f"dataset={dataset!r} names no folder: use folder:PATH with "
-          "PATH/train/<class>/ and PATH/test/<class>/")
-    return
-  if dataset.startswith(TEXT_PREFIX):
-    if not dataset[len(TEXT_PREFIX):]:
-      raise ValueError(
-          f"dataset={dataset!r} names no folder: use text:PATH with "
-          "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt")
-    return
+  for prefix, layout in _PATH_LAYOUTS.items():
+    if dataset.startswith(prefix):
+      if not dataset[len(prefix):]:
+        raise ValueError(f"dataset={dataset!r} names no folder: use {prefix}PATH with {layout}")
+      return
   if dataset not in ARRAY_DATASETS + STREAMED_DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
 
