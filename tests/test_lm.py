@@ -92,13 +92,28 @@ def test_quantized_qdense_and_its_gradients_match_numpy(a, g, w):
 ])
 def test_changing_a_future_token_never_changes_earlier_logits(options, bits):
   model = tiny_lm(**options)
-  model.eval()
   tokens = jax.random.randint(jax.random.key(0), (2, T), 0, V)
+  if bits is not None:  # One training pass sets the running input ranges evaluation uses.
+    model(tokens, bits, key=jax.random.key(1))
+    assert float(model.blocks[0].fc1.act_range[...]) > 0
+  model.eval()
   changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % V)
   before, after = model(tokens, bits), model(changed, bits)
   chex.assert_shape(before, (2, T, V))
   np.testing.assert_array_equal(np.asarray(before[:, :5]), np.asarray(after[:, :5]))
   assert not np.allclose(before[:, 5:], after[:, 5:])
+
+
+def test_dropout_draws_from_the_key_in_training_and_is_off_in_evaluation():
+  model = tiny_lm(dropout=0.5)
+  tokens = jnp.zeros((1, T), jnp.int32)
+  keys = jax.random.key(0), jax.random.key(1)
+  a, b, again = model(tokens, key=keys[0]), model(tokens, key=keys[1]), model(tokens, key=keys[0])
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
+  assert not np.allclose(a, b)
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(tokens, key=keys[0])),
+                                np.asarray(model(tokens, key=keys[1])))
 
 
 @pytest.mark.parametrize("tied,positions", [(True, "learned"), (False, "sinusoidal")])
