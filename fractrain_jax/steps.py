@@ -330,5 +330,10 @@ class Trainer:
     out = {"test_loss": float(totals["loss_sum"]) / n,
            "test_acc": 100.0 * float(totals["correct"]) / n}
     if self.task == "lm":
-      out["test_ppl"] = math.exp(min(out["test_loss"], 700.0))  # exp overflows past ~709.
+      out["test_ppl"] = perplexity(out["test_loss"])
     return out
+
+
+def perplexity(mean_token_loss: float) -> float:
+  """``exp`` of a mean token cross-entropy; capped at ``exp(700)`` (float64 overflows at ~709)."""
+  return math.exp(min(mean_token_loss, 700.0))

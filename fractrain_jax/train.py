@@ -712,8 +712,8 @@ def _summary(session: Session, run: RunState) -> dict[str, Any]:
   lm = {}
   if session.trainer.task == "lm":
     lm = {"final_test_loss": run.last_test_loss, "best_test_loss": run.best_test_loss,
-          "final_test_ppl": math.exp(min(run.last_test_loss, 700.0)),
-          "best_test_ppl": math.exp(min(run.best_test_loss, 700.0))}
+          "final_test_ppl": steps.perplexity(run.last_test_loss),
+          "best_test_ppl": steps.perplexity(run.best_test_loss)}
   return {**lm,
       "method": config.method, "model": config.model.name, "dataset": config.data.dataset,
       "iters": session.total_iters, "final_test_acc": run.last_test_acc,
