@@ -3,9 +3,11 @@ r"""Trains (or evaluates) one FracTrain run.
   python main.py --config configs/frac_cifar10.py [--workdir DIR] [--config.KEY=VALUE ...]
 
 The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10 and
-cifar100, frac_imagenet. Common overrides:
+cifar100, frac_imagenet; fp32_, sbm_ and pfq_wikitext103 (Transformer LM).
+Common overrides:
   --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50
-  --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS)
+  --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS),
+                                        text:PATH (a WikiText folder, the LM's)
   --config.train.iters=2000             iterations (the paper: 64,000)
   --config.train.batch_size=128         global batch
   --config.train.eval_every=390         evaluation interval (and PFQ's indicator epoch)

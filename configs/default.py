@@ -27,16 +27,42 @@ def get_config() -> ml_collections.ConfigDict:
   # Backbone: resnet20/38/74/110/152 or mobilenet_v2 (CIFAR), resnet18/34/50
   # (ImageNet). 'dfq' and 'frac' train its gated_<name> variant.
   config.model.name = "resnet38"
+  # The Transformer LM's shape (model.name='transformer_lm'; the CNNs ignore it).
+  config.model.lm = ml_collections.ConfigDict()
+  # Number of pre-LayerNorm blocks.
+  config.model.lm.depth = 2
+  # Embedding and residual width.
+  config.model.lm.width = 128
+  # Attention heads (must divide width).
+  config.model.lm.heads = 4
+  # MLP hidden width = mlp_ratio * width.
+  config.model.lm.mlp_ratio = 4
+  # Tokens per training window (and per evaluation window).
+  config.model.lm.context = 64
+  # Dropout rate on embeddings, attention weights and residual branches.
+  config.model.lm.dropout = 0.0
+  # Position encoding: 'learned' or 'sinusoidal'.
+  config.model.lm.positions = "learned"
+  # Output layer shares the input embedding matrix.
+  config.model.lm.tied = True
 
   config.data = ml_collections.ConfigDict()
-  # 'cifar10', 'cifar100', 'imagenet2012' (TFDS) or 'folder:PATH' (a directory
-  # with train/<class>/*.jpg and test/<class>/*.jpg).
+  # 'cifar10', 'cifar100', 'imagenet2012' (TFDS), 'folder:PATH' (a directory
+  # with train/<class>/*.jpg and test/<class>/*.jpg) or, for transformer_lm,
+  # 'text:PATH' (wiki.{train,valid,test}.tokens or {train,valid,test}.txt).
   config.data.dataset = "cifar10"
+  # text:PATH only: the split that trains and gives the vocabulary ('train',
+  # 'valid' or 'test').
+  config.data.text_train = "train"
+  # text:PATH only: the split that is evaluated.
+  config.data.text_test = "test"
   # TFDS data_dir; None uses the TFDS default (~/tensorflow_datasets).
   config.data.data_dir = config_dict.placeholder(str)
-  # Use only the first N training examples; 0 = all (quick runs and tests).
+  # Use only N training examples; 0 = all (quick runs and tests). For
+  # text:PATH, the first N tokens.
   config.data.train_subset = 0
-  # Use only the first N test examples; 0 = all.
+  # Use only N test examples; 0 = all. For text:PATH, the first N tokens (cheap
+  # evaluations during training; evaluate the whole split with main.py --eval_only).
   config.data.test_subset = 0
   # Side of the random-resized train crops and eval center crops of the streamed
   # ImageNet pipeline; in-memory (CIFAR-sized) data keeps its stored size.
@@ -63,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 50
 
   config.optim = ml_collections.ConfigDict()
+  # 'sgd' (PyTorch SGD, the paper's CIFAR recipe) or 'adamw' (the Transformer
+  # LM's recipes; momentum is its beta1, weight decay decoupled).
+  config.optim.name = "sgd"
   # Peak learning rate of SGD.
   config.optim.lr = 0.1
   # SGD momentum (PyTorch convention: buf = m * buf + grad).

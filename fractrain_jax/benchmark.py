@@ -7,7 +7,9 @@ step: one whole training step (the jitted step that training runs, data
   augmentation on the device included) for each method: fp32, static (8/8),
   pfq (its first stage), dfq and frac (gated model), and dfq_per_candidate
   (dfq with the authors' per-candidate block forward, ``dfq.forward``),
-  timed after compilation.
+  timed after compilation. ``--model transformer_lm`` times the LM
+  (``configs/default.py``'s shape, random token windows, ``--num-classes`` as
+  the vocabulary; fp32, static and pfq only).
   The methods take turns (one untimed and one timed step each), so drift in
   the machine's speed affects them alike.
 
@@ -80,7 +82,7 @@ def bench_quant(args) -> list[dict]:
 
 @dataclasses.dataclass
 class StepRunner:
-  """One method's Trainer with random CIFAR-shaped data on the device."""
+  """One method's Trainer with random CIFAR-shaped data (or token windows) on the device."""
   trainer: Any
   state: Any
   batch: tuple[Any, Any]
@@ -104,11 +106,17 @@ class StepRunner:
     config.model.name = model_name
     config.train.batch_size = batch_size
     model = steps.create_model(config, num_classes, seed)
-    trainer = steps.Trainer(config, model, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
-    size = model.image_size
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (max(num_examples, 2 * batch_size), size, size, 3), np.uint8)
-    labels = rng.integers(0, num_classes, (len(images),), np.int32)
+    n = max(num_examples, 2 * batch_size)
+    if getattr(model, "task", "classify") == "lm":  # Token windows and their next tokens.
+      trainer = steps.Trainer(config, model, mean=None, std=None)
+      tokens = rng.integers(0, num_classes, (n, model.context + 1), np.int32)
+      images, labels = tokens[:, :-1], tokens[:, 1:]
+    else:
+      trainer = steps.Trainer(config, model, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
+      size = model.image_size
+      images = rng.integers(0, 256, (n, size, size, 3), np.uint8)
+      labels = rng.integers(0, num_classes, (len(images),), np.int32)
     return cls(trainer=trainer, state=trainer.init_state(seed),
                batch=trainer.put_replicated((images, labels)),
                precision=steps.precision_for(config, 0), target_cp=jnp.float32(config.dfq.target_cp),
@@ -165,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
   s = sub.add_parser("step", help="one training step per method")
   s.add_argument("--model", default="resnet38",
                  help="backbone name, e.g. resnet20/38/74, mobilenet_v2 (default resnet38); "
-                      "dfq and frac use its gated_ version")
+                      "dfq and frac use its gated_ version; transformer_lm for the LM")
   s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
-  s.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
+  s.add_argument("--num-classes", type=int, default=10,
+                 help="classifier width, or the LM's vocabulary (default 10)")
   s.add_argument("--methods", nargs="+", choices=STEP_METHODS,
                  default=["fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate"],
-                 help="methods to time, in turn (default: all but frac_per_candidate); fp32 "
-                      "is the ratios' base")
+                 help="methods to time, in turn (default: all but frac_per_candidate; "
+                      "the LM takes fp32, static and pfq); fp32 is the ratios' base")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")

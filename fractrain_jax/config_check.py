@@ -21,6 +21,7 @@ import ml_collections
 from fractrain_jax import cost, models, optim, quant, steps
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.data import common as datasets
+from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
 
 METHODS = steps.METHODS
@@ -30,6 +31,7 @@ GATE_HEADS = ("auto",) + tuple(gate.HEADS)
 FORWARDS = gated.FORWARDS
 DATASETS = datasets.ARRAY_DATASETS + datasets.STREAMED_DATASETS
 FOLDER_PREFIX = datasets.FOLDER_PREFIX
+TEXT_PREFIX = datasets.TEXT_PREFIX
 MAX_BITS = quant.MAX_BITS
 # The trainer adds this prefix itself for 'dfq' and 'frac'.
 GATED_PREFIX = models.GATED_PREFIX
@@ -108,7 +110,7 @@ def _bits_tuple(config, key: str) -> tuple[int, ...]:
 
 def _check_model(config) -> None:
   name = _get(config, "model.name")
-  names = tuple(models.available())
+  names = tuple(models.available()) + (models.LM,)
   if name in names:
     return
   hint = ""
@@ -118,13 +120,47 @@ def _check_model(config) -> None:
   raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}")
 
 
+def _check_lm(config, method: str) -> None:
+  """The Transformer LM's shape, its data (text:PATH) and its methods (no gated model)."""
+  lm = _get(config, "model.name") == models.LM
+  dataset = _get(config, "data.dataset")
+  text = isinstance(dataset, str) and dataset.startswith(TEXT_PREFIX)
+  if lm and not text:
+    raise ConfigError(f"config.data.dataset={dataset!r}; {models.LM} trains on a word-level "
+                      f"corpus: expected '{TEXT_PREFIX}PATH'")
+  if text and not lm:
+    raise ConfigError(f"config.model.name={_get(config, 'model.name')!r}; a {TEXT_PREFIX}PATH "
+                      f"dataset trains the language model: expected {models.LM!r}")
+  if lm and method in steps.GATED_METHODS:
+    raise ConfigError(
+        f"config.method={method!r}; {models.LM} has no DFQ gate (not built yet): expected one "
+        f"of {tuple(m for m in METHODS if m not in steps.GATED_METHODS)}")
+  for key in ("depth", "width", "heads", "mlp_ratio", "context"):
+    _int_at_least(config, f"model.lm.{key}", 1)
+  width, heads = _get(config, "model.lm.width"), _get(config, "model.lm.heads")
+  if width % heads:
+    raise ConfigError(f"config.model.lm.heads={heads}; expected a divisor of "
+                      f"config.model.lm.width={width}")
+  _real_in(config, "model.lm.dropout", 0.0, 1.0, hi_open=True)
+  _choice(config, "model.lm.positions", models.POSITIONS)
+  tied = _get(config, "model.lm.tied")
+  if not isinstance(tied, bool):
+    raise ConfigError(f"config.model.lm.tied={tied!r}; expected True or False")
+  train = _choice(config, "data.text_train", text_data.SPLITS)
+  test = _choice(config, "data.text_test", text_data.SPLITS)
+  if text and train == test:
+    raise ConfigError(f"config.data.text_test={test!r} is the training split too; expected "
+                      "another split to evaluate on")
+
+
 def _check_data(config) -> None:
   dataset = _get(config, "data.dataset")
-  folder = isinstance(dataset, str) and dataset.startswith(FOLDER_PREFIX)
-  if not (dataset in DATASETS or (folder and dataset[len(FOLDER_PREFIX):])):
+  prefix = next((p for p in (FOLDER_PREFIX, TEXT_PREFIX)
+                 if isinstance(dataset, str) and dataset.startswith(p)), None)
+  if not (dataset in DATASETS or (prefix and dataset[len(prefix):])):
     raise ConfigError(
-        f"config.data.dataset={dataset!r}; expected one of {DATASETS} or "
-        f"'{FOLDER_PREFIX}PATH' with a non-empty PATH")
+        f"config.data.dataset={dataset!r}; expected one of {DATASETS}, "
+        f"'{FOLDER_PREFIX}PATH' or '{TEXT_PREFIX}PATH' with a non-empty PATH")
   data_dir = _get(config, "data.data_dir")
   if data_dir is not None and not isinstance(data_dir, str):
     raise ConfigError(f"config.data.data_dir={data_dir!r}; expected a str or None")
@@ -151,6 +187,7 @@ def _check_train(config) -> int:
 
 
 def _check_optim(config, iters: int) -> None:
+  _choice(config, "optim.name", optim.OPTIMIZERS)
   _real_in(config, "optim.lr", 0.0, lo_open=True)
   _real_in(config, "optim.momentum", 0.0, 1.0, hi_open=True)
   _real_in(config, "optim.weight_decay", 0.0)
@@ -236,6 +273,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.seed={seed!r}; expected an int")
   _check_model(config)
   _check_data(config)
+  _check_lm(config, method)
   iters = _check_train(config)
   _check_optim(config, iters)
   _bits("quant.fw_bits", _get(config, "quant.fw_bits"))

@@ -1,8 +1,9 @@
-"""The quantized convolution every FracTrain model is built from (SPEC sections 1, 4).
+"""The quantized layers every FracTrain model is built from (SPEC sections 1, 4).
 
-A quantized conv is ``y = conv(Q_a(x), Q_w(W))`` followed by an identity whose
-backward pass quantizes ``dL/dy`` to ``b_g`` bits before it reaches the conv's
-two gradient products. Its precision comes as one of:
+A quantized layer (``QConv`` for the CNNs, ``QDense`` for the Transformer
+LM; both a ``QuantizedLayer``) is ``y = op(Q_a(x), Q_w(W))`` followed by an
+identity whose backward pass quantizes ``dL/dy`` to ``b_g`` bits before it
+reaches the layer's two gradient products. Its precision comes as one of:
 
 - ``None``: full precision.
 - ``StaticBits(a, g, w)``: compile-time constants (static baselines, PFQ).
@@ -71,7 +72,10 @@ BRANCH = "branch"          # A block's residual branch: what DFQ gates.
 SHORTCUT = "shortcut"      # 1x1 projection shortcuts.
 DEPTHWISE = "depthwise"    # MobileNetV2's depthwise convs, held at (8, 16, 8).
 CLASSIFIER = "classifier"  # The final dense layer, always full precision.
-ROLES = (OUTER, BRANCH, SHORTCUT, DEPTHWISE, CLASSIFIER)
+# The Transformer LM's attention score and value products (activation by
+# activation, no weights): full precision, counted at 32 bits.
+ATTENTION = "attention"
+ROLES = (OUTER, BRANCH, SHORTCUT, DEPTHWISE, CLASSIFIER, ATTENTION)
 
 
 def check_role(role: str) -> str:
@@ -134,40 +138,31 @@ class Dense(nnx.Linear):
     return y
 
 
-class QConv(nnx.Module):
-  """A 2-D convolution (NHWC, HWIO, no bias) with FracTrain's three quantizers.
+class QuantizedLayer(nnx.Module):
+  """A contraction with FracTrain's three quantizers: ``y = op(Q_a(x), Q_w(W))``.
 
-  role: what sets this conv's precision (``ROLES``), reported to the cost tables.
+  Subclasses (``QConv``, ``QDense``) set ``kernel`` (output channels last, so
+  ``quant.quantize_weight`` is per output channel) and give the contraction
+  (``_contract``) and its forward MACs per sample (``_macs``). Everything
+  else is shared: the input's per-tensor range (running average for
+  evaluation), the weight quantizer, the cost record, and the identity whose
+  backward pass quantizes ``dL/dy`` stochastically to ``b_g`` bits before it
+  reaches the two gradient products.
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               strides: int = 1, padding: int | None = None, feature_group_count: int = 1,
-               act_momentum: float = 0.9, role: str = BRANCH, rngs: nnx.Rngs):
-    if in_features % feature_group_count or out_features % feature_group_count:
-      raise ValueError(
-          f"feature_group_count={feature_group_count} must divide in_features={in_features} "
-          f"and out_features={out_features}")
-    self.in_features = in_features
-    self.out_features = out_features
-    self.kernel_size = kernel_size
-    self.strides = strides
-    # PyTorch-style symmetric padding: "SAME" pads (0, 1) at stride 2, not (1, 1).
-    self.padding = kernel_size // 2 if padding is None else padding
-    self.feature_group_count = feature_group_count
+  def _init_quantizers(self, act_momentum: float, role: str) -> None:
     self.act_momentum = act_momentum
     self.role = check_role(role)
-    shape = (kernel_size, kernel_size, in_features // feature_group_count, out_features)
-    self.kernel = nnx.Param(conv_init(kernel_size, out_features)(rngs.params(), shape))
     # Eval-time input range: running averages of lo and (hi - lo) (SPEC section 1).
     self.act_lo = nnx.BatchStat(jnp.zeros((), jnp.float32))
     self.act_range = nnx.BatchStat(jnp.zeros((), jnp.float32))
     self.use_running_average = False
 
-
   def set_view(self, use_running_average: bool | None = None):
     """``nnx.view(model, use_running_average=True)``: the running input range, as BatchNorm."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
   def _input_range(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.use_running_average:
       return self.act_lo[...], self.act_lo[...] + self.act_range[...]
@@ -189,21 +184,92 @@ class QConv(nnx.Module):
     lo, hi = self._input_range(x)
     return quant.fake_quant_blend(x, bits.mask, bits.a, lo=lo, hi=hi, one_hot=True)
 
+  def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def _macs(self, x: jax.Array, y: jax.Array) -> int:
+    """Forward MACs per sample (axis 0 of ``x``) of ``y = _contract(x, kernel)``."""
+    raise NotImplementedError
+
   def __call__(self, x: jax.Array, bits: Precision = None, *,
                key: jax.Array | None = None) -> jax.Array:
     kernel = self.kernel[...]
     if bits is not None:
       x = self._quantize_input(x, bits)
       kernel = quant.quantize_weight(kernel, bits.w)
-    p = self.padding
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count)
-    _, oh, ow, _ = y.shape
-    per_output = self.kernel_size**2 * (self.in_features // self.feature_group_count)
-    record_cost(self, oh * ow * per_output * self.out_features, self.role)
+    y = self._contract(x, kernel)
+    record_cost(self, self._macs(x, y), self.role)
     if bits is None or self.use_running_average:
       return y  # Evaluation has no backward pass to quantize.
     g = bits.g if isinstance(bits, StaticBits) else bits.per_sample_g()
     return quant.quantize_grad(y, g, key)
+
+
+class QConv(QuantizedLayer):
+  """A 2-D convolution (NHWC, HWIO, no bias) with FracTrain's three quantizers.
+
+  role: what sets this conv's precision (``ROLES``), reported to the cost tables.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
+               strides: int = 1, padding: int | None = None, feature_group_count: int = 1,
+               act_momentum: float = 0.9, role: str = BRANCH, rngs: nnx.Rngs):
+    if in_features % feature_group_count or out_features % feature_group_count:
+      raise ValueError(
+          f"feature_group_count={feature_group_count} must divide in_features={in_features} "
+          f"and out_features={out_features}")
+    self.in_features = in_features
+    self.out_features = out_features
+    self.kernel_size = kernel_size
+    self.strides = strides
+    # PyTorch-style symmetric padding: "SAME" pads (0, 1) at stride 2, not (1, 1).
+    self.padding = kernel_size // 2 if padding is None else padding
+    self.feature_group_count = feature_group_count
+    shape = (kernel_size, kernel_size, in_features // feature_group_count, out_features)
+    self.kernel = nnx.Param(conv_init(kernel_size, out_features)(rngs.params(), shape))
+    self._init_quantizers(act_momentum, role)
+
+  def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    p = self.padding
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)
+
+  def _macs(self, x: jax.Array, y: jax.Array) -> int:
+    _, oh, ow, _ = y.shape
+    per_output = self.kernel_size**2 * (self.in_features // self.feature_group_count)
+    return oh * ow * per_output * self.out_features
+
+
+class QDense(QuantizedLayer):
+  """``y = Q_a(x) @ Q_w(W) + b`` over the last axis, with FracTrain's three quantizers.
+
+  The Transformer LM's projections and MLP matmuls. The input may have any
+  axes between batch and features (a sequence's positions): its range is
+  per tensor, the weights' per output channel. The bias is added after the
+  gradient quantizer, in full precision: its gradient is a sum of ``dL/dy``,
+  not a product the bit widths scale.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               kernel_init=None, act_momentum: float = 0.9, role: str = BRANCH,
+               rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    init = kernel_init or dense_init(in_features, out_features)
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+    self._init_quantizers(act_momentum, role)
+
+  def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jnp.dot(x, kernel)
+
+  def _macs(self, x: jax.Array, y: jax.Array) -> int:
+    # Every position along the axes between batch and features counts.
+    return math.prod(x.shape[1:]) * self.out_features
+
+  def __call__(self, x: jax.Array, bits: Precision = None, *,
+               key: jax.Array | None = None) -> jax.Array:
+    y = super().__call__(x, bits, key=key)
+    return y if self.bias is None else y + self.bias[...]

@@ -62,6 +62,13 @@ class Run:
   turning_points: list[int] = field(default_factory=list)
   wall_s: float | None = None
   static_bits: tuple[int, int] | None = None
+  final_test_ppl: float | None = None  # Language-model runs only.
+  best_test_ppl: float | None = None
+
+  @property
+  def is_lm(self) -> bool:
+    """A language-model run: it reports perplexity rather than accuracy."""
+    return self.final_test_ppl is not None
 
   @property
   def name(self) -> str:
@@ -163,6 +170,7 @@ def load_run(workdir: str | Path) -> Run:
     return s[key] if s.get(key) is not None else fallback
 
   accs = [r["test_acc"] for r in metrics if r.get("test_acc") is not None]
+  ppls = [r["test_ppl"] for r in metrics if r.get("test_ppl") is not None]
   iters = pick("iters", _cfg(config, "train.iters"))
   return Run(
       workdir=workdir,
@@ -188,6 +196,8 @@ def load_run(workdir: str | Path) -> Run:
       turning_points=[int(t) for t in pick("turning_points", derive_turning_points(metrics))],
       wall_s=pick("wall_s", last.get("wall_s")),
       static_bits=_static_bits(config, metrics),
+      final_test_ppl=pick("final_test_ppl", ppls[-1] if ppls else None),
+      best_test_ppl=pick("best_test_ppl", min(ppls) if ppls else None),
   )
 
 
@@ -272,9 +282,15 @@ def _steer_cell(run: Run) -> str:
 
 
 def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
-  """One row per run, then a line saying what each relative cost is relative to."""
+  """One row per run, then a line saying what each relative cost is relative to.
+
+  A table of language-model runs only shows test perplexity where the others
+  show accuracy.
+  """
   names = labels(runs)
-  header = ["run", "method", "model", "status", "final acc (%)", "best acc (%)",
+  lm = bool(runs) and all(r.is_lm for r in runs)
+  result = ["final test ppl", "best test ppl"] if lm else ["final acc (%)", "best acc (%)"]
+  header = ["run", "method", "model", "status", *result,
             "whole-model cost (MACs)", "vs 8-bit", "paper-convention cost (MACs)", "paper vs 8-bit",
             "steering cp (%)", "whole-model cp (%)", "turning points", "wall"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -285,8 +301,10 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
     total = run.iters if run.iters is not None else "?"
     status = "done" if run.finished else f"unfinished (step {run.last_step}/{total})"
     tps = ", ".join(str(t) for t in run.turning_points) or "-"
-    cells = [name, run.method, run.model, status, _num(run.final_test_acc, ".2f"),
-             _num(run.best_test_acc, ".2f"), sci(run.total_cost), _ratio(run.total_cost, base.cost),
+    results = ((run.final_test_ppl, run.best_test_ppl) if lm
+               else (run.final_test_acc, run.best_test_acc))
+    cells = [name, run.method, run.model, status, *(_num(r, ".2f") for r in results),
+             sci(run.total_cost), _ratio(run.total_cost, base.cost),
              sci(run.cost_paper), _ratio(run.cost_paper, base.cost_paper), _steer_cell(run),
              _num(run.mean_model_cp, ".2f"), tps, hms(run.wall_s)]
     lines.append("| " + " | ".join(cells) + " |")
@@ -348,20 +366,26 @@ def _log_axis(axis: Any) -> None:
   axis.set_minor_formatter(NullFormatter())
 
 
-def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path) -> Path:
+def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path,
+                     key: str = "test_acc") -> Path:
+  """Test accuracy (or ``key="test_ppl"``: perplexity, log scale) against cumulative cost."""
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(6.4, 4.4), layout="constrained")
   ax = fig.add_subplot()
   for run, name in zip(runs, names):
-    pts = [(r["cost"], r["test_acc"]) for r in run.metrics
-           if r.get("cost") and r["cost"] > 0 and r.get("test_acc") is not None]
+    pts = [(r["cost"], r[key]) for r in run.metrics
+           if r.get("cost") and r["cost"] > 0 and r.get(key) is not None]
     if pts:
       ax.plot(*zip(*pts), marker=".", label=name if run.finished else f"{name} (unfinished)")
   _log_axis(ax.xaxis)
   ax.set_xscale("log")
   ax.set_xlabel("cumulative whole-model training cost (bit-scaled MACs)")
-  ax.set_ylabel("test accuracy (%)")
+  if key == "test_ppl":
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity")
+  else:
+    ax.set_ylabel("test accuracy (%)")
   ax.grid(True, which="both", alpha=0.3)
   if ax.has_data():
     ax.legend(fontsize="small")
@@ -471,7 +495,10 @@ def plot_all(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   names = labels(runs)
-  paths = [plot_acc_vs_cost(runs, names, out_dir / "acc_vs_cost.png")]
+  if runs and all(r.is_lm for r in runs):
+    paths = [plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_cost.png", key="test_ppl")]
+  else:
+    paths = [plot_acc_vs_cost(runs, names, out_dir / "acc_vs_cost.png")]
   for run, name in zip(runs, names):
     paths.append(plot_precision(run, name, out_dir / f"precision_{_file_stem(name)}.png"))
     choices = plot_choices(run, name, out_dir / f"choices_{_file_stem(name)}.png")

@@ -9,17 +9,24 @@ or gated) is a static argument: the step compiles once per PFQ stage. DFQ's
 target cp and the Gumbel temperature are traced: changing them never
 recompiles.
 
-Both kinds of data reach the step the same way, as an ``(images, labels)``
-batch. Data held on the device (CIFAR-sized) hands every step the whole
-training set, and the step itself gathers its batch and augments it (so the
-order is a pure function of the key and the step); streamed data (ImageNet)
-hands a batch the host pipeline already augmented.
+Both kinds of data reach the step the same way, as an ``(inputs, targets)``
+batch. Data held on the device (CIFAR-sized, or a text corpus's token
+windows) hands every step the whole training set, and the step itself
+gathers its batch and augments it (so the order is a pure function of the
+key and the step); streamed data (ImageNet) hands a batch the host pipeline
+already augmented.
+
+The model's ``task`` sets what a batch means: ``"classify"`` (images and a
+label each) or ``"lm"`` (the Transformer LM: token windows and their
+next tokens; the loss is the mean token cross-entropy, "correct" counts
+tokens, and evaluation reports perplexity). Nothing else differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -106,13 +113,23 @@ def is_gated(method: str) -> bool:
   return method in GATED_METHODS
 
 
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The registry options of a plain model: the LM's shape, none for a CNN."""
+  if config.model.name != models.LM:
+    return {}
+  return {k: config.model.lm[k] for k in models.LM_OPTIONS}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int):
-  """The plain backbone, or its gated variant for DFQ and FracTrain."""
+  """The plain model, or its gated variant for DFQ and FracTrain.
+
+  num_classes: the classifier's width; the vocabulary size for the LM.
+  """
   name = config.model.name
   rngs = nnx.Rngs(seed)
   if not is_gated(config.method):
     return models.create(name, num_classes=num_classes, rngs=rngs,
-                         act_momentum=config.quant.act_momentum)
+                         act_momentum=config.quant.act_momentum, **model_options(config))
   d = config.dfq
   return models.create(f"gated_{name}", num_classes=num_classes, rngs=rngs,
                        act_momentum=config.quant.act_momentum,
@@ -124,16 +141,18 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
 def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> list[cost.LayerMACs]:
   """The plain backbone's layers (the FP32 and SBM 8/8 references of any run)."""
   abstract = nnx.eval_shape(lambda: models.create(
-      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0)))
+      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **model_options(config)))
   return abstract.layer_macs()
 
 
 class Trainer:
   """Builds and runs the steps of one method for one model and mesh.
 
-  data_on_device: the train step receives the whole training set (uint8) and
-    gathers and augments its own batch; otherwise it receives a batch that is
-    already augmented and normalized (the ImageNet stream).
+  data_on_device: the train step receives the whole training set (uint8
+    images, or int32 token windows) and gathers (and augments) its own batch;
+    otherwise it receives a batch that is already augmented and normalized
+    (the ImageNet stream).
+  mean, std: the images' normalization; None for token windows.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
@@ -141,8 +160,10 @@ class Trainer:
     self.config = config
     self.method = config.method
     self.gated = is_gated(self.method)
+    self.task = getattr(model, "task", "classify")
     self.data_on_device = data_on_device
-    self.mean, self.std = tuple(mean), tuple(std)
+    self.mean = None if mean is None else tuple(mean)
+    self.std = None if std is None else tuple(std)
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
@@ -194,7 +215,11 @@ class Trainer:
       logits, step_cost, cost_term, metrics = self._plain_forward(model, x, key, precision, tau)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     model_cp = cost.cp(step_cost, self.layers)
-    metrics.update(ce=ce, cost_term=cost_term, correct=jnp.sum(jnp.argmax(logits, -1) == y),
+    hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    # Per sample: an image's hit, or a window's share of correct next tokens, so
+    # the loop's correct / batch_size is the accuracy of either.
+    correct = jnp.sum(hits.reshape(hits.shape[0], -1).mean(axis=-1))
+    metrics.update(ce=ce, cost_term=cost_term, correct=correct,
                    model_cp=model_cp, cost_fw=step_cost.fw, cost_eb=step_cost.eb,
                    cost_gc=step_cost.gc)
     # The paper's cost convention (SPEC section 2): the steering cp of a gated
@@ -239,7 +264,8 @@ class Trainer:
     images, labels = batch
     if self.data_on_device:  # The whole set: pick this step's batch and augment it here.
       idx = data.batch_indices(order_key, state.step, images.shape[0], self.config.train.batch_size)
-      images = data.augment(aug_key, images[idx], self.mean, self.std)
+      images = images[idx] if self.task == "lm" else data.augment(aug_key, images[idx],
+                                                                   self.mean, self.std)
       labels = labels[idx]
     x = jax.lax.with_sharding_constraint(images, self.batch_sharding)
     y = jax.lax.with_sharding_constraint(labels, self.batch_sharding)
@@ -265,13 +291,16 @@ class Trainer:
 
   def _eval(self, state, images, labels, valid, *, precision: Precision):
     model = nnx.merge(self.eval_graphdef, state.params, state.rest, copy=True)
-    # On-device data is stored as uint8; the stream's test batches come normalized.
-    x = data.normalize(images, self.mean, self.std) if self.data_on_device else images
+    # On-device images are stored as uint8; the stream's test batches come
+    # normalized; token ids go in as they are.
+    normalize = self.data_on_device and self.task != "lm"
+    x = data.normalize(images, self.mean, self.std) if normalize else images
     x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
     if self.gated:
       logits, _ = model(x, full_precision=precision.full)
     else:
       logits = model(x, precision.bits)
+    # ``valid`` has the shape of ``labels``: per image, or per token of a window.
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)), "correct": jnp.sum(correct),
@@ -286,7 +315,11 @@ class Trainer:
     return self._eval_steps[precision]
 
   def evaluate(self, state, batches, precision: Precision) -> dict[str, float]:
-    """Test loss and accuracy (%) over ``(images, labels, valid)`` batches of one shape."""
+    """Test loss and accuracy (%) over ``(images, labels, valid)`` batches of one shape.
+
+    For the LM the mean is over every valid token (accuracy is the share of
+    tokens predicted right), and ``test_ppl`` is ``exp`` of that mean loss.
+    """
     step = self.eval_step(precision)
     put = lambda a: jax.device_put(a, self.batch_sharding)
     totals = None
@@ -295,5 +328,13 @@ class Trainer:
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = max(int(totals["count"]), 1)
-    return {"test_loss": float(totals["loss_sum"]) / n,
-            "test_acc": 100.0 * float(totals["correct"]) / n}
+    out = {"test_loss": float(totals["loss_sum"]) / n,
+           "test_acc": 100.0 * float(totals["correct"]) / n}
+    if self.task == "lm":
+      out["test_ppl"] = perplexity(out["test_loss"])
+    return out
+
+
+def perplexity(mean_token_loss: float) -> float:
+  """``exp`` of a mean token cross-entropy; capped at ``exp(700)`` (float64 overflows at ~709)."""
+  return math.exp(min(mean_token_loss, 700.0))

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fractrain_jax import config_check, cost, data, dfq, pfq, run_files, steps
+from fractrain_jax import config_check, cost, data, dfq, models, pfq, run_files, steps
 from fractrain_jax.report import hms
 from fractrain_jax.summary import TensorBoardWriter
 from fractrain_jax.errors import ConfigError, NonFiniteError, ResumeError
@@ -100,6 +100,8 @@ class RunState:
   turning_points: list[int] = dataclasses.field(default_factory=list)
   best_test_acc: float | None = None
   last_test_acc: float | None = None
+  best_test_loss: float | None = None   # The LM's perplexity is exp of these.
+  last_test_loss: float | None = None
   wall_s: float = 0.0
   model_cp_sum: float = 0.0             # Sums of per-step cp, for the run's means.
   cp_steps: int = 0
@@ -127,6 +129,9 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   identity = {"method": config.method, "model": config.model.name,
               "dataset": config.data.dataset}
+  if config.model.name == models.LM:  # Its shape, and which split trains.
+    identity["lm"] = steps.model_options(config)
+    identity["splits"] = [config.data.text_train, config.data.text_test]
   if config.method == "static":
     identity["bits"] = [config.quant.fw_bits, config.quant.bw_bits]
   if config.method == "pfq":
@@ -300,7 +305,21 @@ def _setup(config) -> tuple[Any, steps.Trainer, list[cost.LayerMACs]]:
                         f"{n_dev} devices")
   streamed = data.is_streamed(config.data.dataset)
   t0 = time.perf_counter()
-  if streamed:
+  if data.is_text(config.data.dataset):
+    source = data.load_text(config.data.dataset, context=config.model.lm.context,
+                            train_split=config.data.text_train,
+                            test_split=config.data.text_test,
+                            train_subset=config.data.train_subset,
+                            test_subset=config.data.test_subset)
+    if source.num_train < config.train.batch_size:
+      raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds the "
+                        f"{source.num_train} training windows of {source.context} tokens")
+    log.info("Data: %s, %s split (%d tokens, %d windows of %d) trains, %s split (%d tokens) "
+             "tests, vocabulary %d, loaded in %.1f s", config.data.dataset,
+             config.data.text_train, len(source.train_tokens), source.num_train,
+             source.context, config.data.text_test, len(source.test_tokens),
+             source.num_classes, time.perf_counter() - t0)
+  elif streamed:
     source = data.StreamData(config.data.dataset, data_dir=config.data.data_dir,
                              download=config.data.download, image_size=config.data.image_size)
     log.info("Data: %s streamed through tf.data, %d classes", config.data.dataset,
@@ -336,7 +355,7 @@ def _train_batches(session: Session, start_step: int) -> Iterator[Any]:
   """
   source, trainer = session.source, session.trainer
   if trainer.data_on_device:
-    return itertools.repeat(trainer.put_replicated((source.train_images, source.train_labels)))
+    return itertools.repeat(trainer.put_replicated(source.train_arrays()))
   c = session.config
   return data.prefetch_to_device(
       source.train_batches(c.train.batch_size, seed=c.seed, start_step=start_step),
@@ -456,8 +475,10 @@ def _train(config, workdir: pathlib.Path, checkpoints: "Checkpoints",
     return {"stopped_at": step}
   summary = _summary(session, run)
   (workdir / run_files.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-  log.info("Done: final test accuracy %.2f%% (best %.2f%%), cost %.3g bit-scaled MACs "
-           "(%.3g of SBM 8/8), wall %s", summary["final_test_acc"], summary["best_test_acc"],
+  result = (f"perplexity {summary['final_test_ppl']:.2f} (best {summary['best_test_ppl']:.2f})"
+            if "final_test_ppl" in summary else
+            f"accuracy {summary['final_test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%)")
+  log.info("Done: final test %s, cost %.3g bit-scaled MACs (%.3g of SBM 8/8), wall %s", result,
            summary["total_cost"], summary["total_cost"] / summary["cost_sbm8"],
            hms(summary["wall_s"]))
   return summary
@@ -561,7 +582,8 @@ def _event_line(session: Session, record: dict, images_per_s: float | None, eta:
   config = session.config
   parts = [f"step {record['step']}/{session.total_iters}",
            f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.1f}%",
-           f"test loss {record['test_loss']:.3f} acc {record['test_acc']:.2f}%"]
+           f"test loss {record['test_loss']:.3f} acc {record['test_acc']:.2f}%"
+           + (f" ppl {record['test_ppl']:.2f}" if "test_ppl" in record else "")]
   if record.get("steer_cp") is not None:
     parts.append(f"steer cp {record['steer_cp']:.2f}% (target {record['target_cp']:g}%)")
   parts.append(f"model cp {record['model_cp']:.2f}%")
@@ -651,6 +673,8 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
     _stop_diverged(session, f"test loss became {ev['test_loss']} at step {step}")
   run.last_test_acc = ev["test_acc"]
   run.best_test_acc = max(ev["test_acc"], run.best_test_acc or -1.0)
+  run.last_test_loss = ev["test_loss"]
+  run.best_test_loss = min(ev["test_loss"], run.best_test_loss or math.inf)
   record = {
       "step": step, "epoch": step / config.train.eval_every, "lr": interval.mean("lr"),
       "train_loss": interval.mean("ce"), "train_cost_term": interval.mean("cost_term"),
@@ -688,9 +712,15 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
 
 
 def _summary(session: Session, run: RunState) -> dict[str, Any]:
+  """The run's results; an LM's adds its test loss and perplexity (final and best)."""
   config = session.config
   samples = session.total_iters * config.train.batch_size
-  return {
+  lm = {}
+  if session.trainer.task == "lm":
+    lm = {"final_test_loss": run.last_test_loss, "best_test_loss": run.best_test_loss,
+          "final_test_ppl": steps.perplexity(run.last_test_loss),
+          "best_test_ppl": steps.perplexity(run.best_test_loss)}
+  return {**lm,
       "method": config.method, "model": config.model.name, "dataset": config.data.dataset,
       "iters": session.total_iters, "final_test_acc": run.last_test_acc,
       "best_test_acc": run.best_test_acc, "total_cost": sum(run.cost),

@@ -21,7 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 RECIPES = ("default", "fp32_cifar10", "fp32_cifar100", "sbm_cifar10",
            "sbm_cifar100", "pfq_cifar10", "pfq_cifar100", "dfq_cifar10",
-           "dfq_cifar100", "frac_cifar10", "frac_cifar100", "frac_imagenet")
+           "dfq_cifar100", "frac_cifar10", "frac_cifar100", "frac_imagenet",
+           "fp32_wikitext103", "sbm_wikitext103", "pfq_wikitext103")
 # The backbone names of the config schema.
 SCHEMA_MODELS = ("resnet20", "resnet38", "resnet74", "resnet110", "resnet152",
                  "mobilenet_v2", "resnet18", "resnet34", "resnet50")
@@ -137,6 +138,13 @@ EXPECTED = {
         # lr x0.1 after epochs 30 and 60.
         "train.eval_every": 5005, "train.iters": 90 * 5005,
         "optim.boundaries": (30 * 5005, 60 * 5005)},
+    "fp32_wikitext103": {"method": "fp32", "model.name": "transformer_lm",
+                         "data.dataset": "text:data/wikitext-103", "optim.name": "adamw"},
+    "sbm_wikitext103": {"method": "static", "model.name": "transformer_lm",
+                        "quant.fw_bits": 8, "quant.bw_bits": 8, "optim.name": "adamw"},
+    "pfq_wikitext103": {"method": "pfq", "model.name": "transformer_lm",
+                        "pfq.fw_schedule": (4, 6, 8), "pfq.bw_schedule": (6, 8, 8),
+                        "pfq.num_turning_points": 2, "optim.name": "adamw"},
 }
 
 

@@ -57,6 +57,10 @@ class ArrayData:
   def num_test(self) -> int:
     return int(self.test_labels.shape[0])
 
+  def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """What the train step gathers its batches from (the same call as ``TextData``'s)."""
+    return self.train_images, self.train_labels
+
   def test_batches(self, batch_size: int
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """All test examples in order as `(images, labels, valid)` batches of `batch_size`.

@@ -26,9 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FOLDER_PREFIX = "folder:"
+TEXT_PREFIX = "text:"  # A word-level corpus (data/text.py): the Transformer LM's data.
 ARRAY_DATASETS = ("cifar10", "cifar100")
 STREAMED_DATASETS = ("imagenet2012",)
-DATASETS = ARRAY_DATASETS + STREAMED_DATASETS + (FOLDER_PREFIX + "PATH",)
+DATASETS = ARRAY_DATASETS + STREAMED_DATASETS + (FOLDER_PREFIX + "PATH", TEXT_PREFIX + "PATH")
 
 Float3 = tuple[float, float, float]
 
@@ -38,18 +39,30 @@ Float3 = tuple[float, float, float]
 # ---------------------------------------------------------------------------
 
 
+# The layout each ``PREFIX:PATH`` dataset expects under PATH.
+_PATH_LAYOUTS = {
+    FOLDER_PREFIX: "PATH/train/<class>/ and PATH/test/<class>/",
+    TEXT_PREFIX: "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt",
+}
+
+
 def _check_name(dataset: str) -> None:
   """Refuses a dataset name that is not one of DATASETS."""
   if not isinstance(dataset, str):
     raise ValueError(f"dataset={dataset!r} is not a string; accepted: {DATASETS}")
-  if dataset.startswith(FOLDER_PREFIX):
-    if not dataset[len(FOLDER_PREFIX):]:
-      raise ValueError(
-          f"dataset={dataset!r} names no folder: use folder:PATH with "
-          "PATH/train/<class>/ and PATH/test/<class>/")
-    return
+  for prefix, layout in _PATH_LAYOUTS.items():
+    if dataset.startswith(prefix):
+      if not dataset[len(prefix):]:
+        raise ValueError(f"dataset={dataset!r} names no folder: use {prefix}PATH with {layout}")
+      return
   if dataset not in ARRAY_DATASETS + STREAMED_DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
+
+
+def is_text(dataset: str) -> bool:
+  """True for a word-level corpus (``text:PATH``), read by ``data/text.py``."""
+  _check_name(dataset)
+  return dataset.startswith(TEXT_PREFIX)
 
 
 def is_streamed(dataset: str) -> bool:

@@ -4,6 +4,9 @@ Backbones (``available()``): CIFAR ResNet-20/38/74/110/152 and MobileNetV2
 (32x32 inputs), ImageNet ResNet-18/34/50 (224x224), and a tiny CIFAR ResNet-8
 for smoke runs. Each is also available as
 ``gated_<name>``, the DFQ model of SPEC section 4 (``names()`` lists all).
+``transformer_lm`` is a causal Transformer language model
+(``transformer_lm.py``); ``num_classes`` is its vocabulary size and its
+options are ``LM_OPTIONS``. It has no gated version.
 
 Plain models: ``model(x, bits=None, *, key=None) -> logits``.
 Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
@@ -20,14 +23,18 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from fractrain_jax.layers import QConv
+from fractrain_jax.layers import QuantizedLayer
 from fractrain_jax.models.backbone import Backbone, Plan
 from fractrain_jax.models.gated import GatedModel
 from fractrain_jax.models.mobilenet_v2 import mobilenet_v2
 from fractrain_jax.models.resnet_cifar import cifar_resnet
 from fractrain_jax.models.resnet_imagenet import imagenet_resnet
+from fractrain_jax.models.transformer_lm import POSITIONS, TransformerLM
 
 GATED_PREFIX = "gated_"
+LM = "transformer_lm"
+# The Transformer LM's options (``config.model.lm``), with their defaults.
+LM_OPTIONS = ("depth", "width", "heads", "mlp_ratio", "context", "dropout", "positions", "tied")
 
 _BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet8": functools.partial(cifar_resnet, 8),  # Not in the paper: for smoke runs and tests.
@@ -49,19 +56,30 @@ def available() -> tuple[str, ...]:
 
 
 def names() -> tuple[str, ...]:
-  """Every name ``create`` accepts: the backbones, then their gated versions."""
-  return available() + tuple(GATED_PREFIX + n for n in _BACKBONES)
+  """Every name ``create`` accepts: the backbones, their gated versions, then the LM."""
+  return available() + tuple(GATED_PREFIX + n for n in _BACKBONES) + (LM,)
+
+
+def task(name: str) -> str:
+  """``"lm"`` (token windows, next-token loss) for the LM, ``"classify"`` otherwise."""
+  return "lm" if name == LM else "classify"
 
 
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float | None = None,
-           **options: Any) -> Backbone | GatedModel:
+           **options: Any) -> Backbone | GatedModel | TransformerLM:
   """The model called ``name``.
 
-  act_momentum: momentum of every QConv's running input range (SPEC section 1;
-    ``None`` keeps QConv's 0.9).
+  act_momentum: momentum of every quantized layer's running input range
+    (SPEC section 1; ``None`` keeps the layers' 0.9).
   options: the gated model's ``fw_candidates``, ``bw_candidates``,
-    ``weight_bits``, ``gate``, ``gate_head`` and ``forward`` (plain models take none).
+    ``weight_bits``, ``gate``, ``gate_head`` and ``forward``; the LM's
+    ``LM_OPTIONS`` (plain CNNs take none).
   """
+  if name == LM:
+    unknown = set(options) - set(LM_OPTIONS)
+    if unknown:
+      raise ValueError(f"{LM} takes the options {LM_OPTIONS}, got {sorted(unknown)}")
+    return _set_momentum(TransformerLM(num_classes, rngs=rngs, **options), act_momentum)
   gated = name.startswith(GATED_PREFIX)
   base = name[len(GATED_PREFIX):] if gated else name
   if base not in _BACKBONES:
@@ -69,14 +87,19 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   if not gated and options:
     raise ValueError(f"{name} takes no options, got {sorted(options)}; the options "
                      f"are for gated models such as {GATED_PREFIX}{name}")
-  backbone = _BACKBONES[base](num_classes=num_classes, rngs=rngs)
-  if act_momentum is not None:
-    if not 0.0 <= act_momentum < 1.0:
-      raise ValueError(f"act_momentum={act_momentum!r}; expected a value in [0, 1)")
-    backbone.set_attributes(QConv, act_momentum=float(act_momentum))
+  backbone = _set_momentum(_BACKBONES[base](num_classes=num_classes, rngs=rngs), act_momentum)
   if not gated:
     return backbone
   return GatedModel(backbone, rngs=rngs, **options)
 
 
-__all__ = ["Backbone", "GatedModel", "Plan", "available", "create", "names"]
+def _set_momentum(model: nnx.Module, act_momentum: float | None) -> nnx.Module:
+  if act_momentum is not None:
+    if not 0.0 <= act_momentum < 1.0:
+      raise ValueError(f"act_momentum={act_momentum!r}; expected a value in [0, 1)")
+    model.set_attributes(QuantizedLayer, act_momentum=float(act_momentum))
+  return model
+
+
+__all__ = ["Backbone", "GatedModel", "LM", "LM_OPTIONS", "POSITIONS", "Plan", "TransformerLM",
+           "available", "create", "names", "task"]

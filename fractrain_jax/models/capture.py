@@ -1,6 +1,6 @@
 """Cost accounting by capture: a model's ``cost.LayerMACs`` from one abstract forward pass.
 
-Every ``QConv`` and ``Dense`` knows its role and, while costs are recorded,
+Every ``QuantizedLayer`` (``QConv``, ``QDense``) and ``Dense`` knows its role and, while costs are recorded,
 sows its forward MACs per sample (``layers.record_cost``). ``capture_layer_macs``
 runs a forward pass under ``nnx.capture`` inside ``jax.eval_shape`` (shapes
 only, nothing computed) and turns the records into cost-table rows (SPEC
@@ -21,16 +21,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fractrain_jax import cost
-from fractrain_jax.layers import (BRANCH, CLASSIFIER, DEPTHWISE, OUTER, SHORTCUT, CostRecord,
-                                  recording_costs)
+from fractrain_jax.layers import (ATTENTION, BRANCH, CLASSIFIER, DEPTHWISE, OUTER, SHORTCUT,
+                                  CostRecord, recording_costs)
 from fractrain_jax.models.parts import DEPTHWISE_BITS
 
 # Cost kind of each role (cost.LayerMACs.kind) in the plain models, and in the gated
 # ones for the roles their gate does not set.
 PLAIN_KINDS = {OUTER: "static", BRANCH: "static", SHORTCUT: "static", DEPTHWISE: "fixed",
-               CLASSIFIER: "fp"}
+               CLASSIFIER: "fp", ATTENTION: "fp"}
 GATED_KINDS = {OUTER: "fp", BRANCH: "fp", SHORTCUT: "fp", DEPTHWISE: "fixed",
-               CLASSIFIER: "fp"}
+               CLASSIFIER: "fp", ATTENTION: "fp"}
 
 Path = tuple[Any, ...]
 
@@ -49,18 +49,19 @@ def block_index(path: Path) -> int:
 
 
 def capture_records(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array], Any],
-                    input_shape: Sequence[int]) -> list[tuple[Path, int, str]]:
+                    input_shape: Sequence[int], input_dtype: Any = jnp.float32
+                    ) -> list[tuple[Path, int, str]]:
   """``(path, MACs per sample, role)`` of every layer call of ``forward(module, x)``, in order.
 
-  path: the calling layer's path inside ``module``. ``x`` is a float32
-  placeholder of ``input_shape``; ``module`` may be abstract (``nnx.eval_shape``).
+  path: the calling layer's path inside ``module``. ``x`` is a placeholder of
+  ``input_shape`` and ``input_dtype`` (int32 for token ids); ``module`` may be abstract (``nnx.eval_shape``).
   """
   graphdef, state = nnx.split(module)
   captured = []
 
   def run(state):
     copy = nnx.merge(graphdef, state)  # Lives and dies inside this trace.
-    x = jnp.zeros(tuple(input_shape), jnp.float32)
+    x = jnp.zeros(tuple(input_shape), input_dtype)
     with recording_costs():
       _, records = nnx.capture(forward, CostRecord)(copy, x)
     captured.append(records)  # Python ints and strings only: safe to take out of the trace.
@@ -76,7 +77,8 @@ def capture_records(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array
 
 def capture_layer_macs(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array], Any],
                        input_shape: Sequence[int], *, gated: Sequence[str] = (),
-                       name: Callable[[Path], str] = path_name) -> list[cost.LayerMACs]:
+                       name: Callable[[Path], str] = path_name,
+                       input_dtype: Any = jnp.float32) -> list[cost.LayerMACs]:
   """The cost table of ``forward(module, x)``: one row per layer call, in call order.
 
   gated: the roles a gate sets; empty for a plain model. Otherwise the layers
@@ -88,7 +90,7 @@ def capture_layer_macs(module: nnx.Module, forward: Callable[[nnx.Module, jax.Ar
   kinds = {**GATED_KINDS, **{role: "gated" for role in gated}} if gated else PLAIN_KINDS
   fixed = (DEPTHWISE_BITS.a, DEPTHWISE_BITS.g, DEPTHWISE_BITS.w)
   layers = []
-  for path, macs, role in capture_records(module, forward, input_shape):
+  for path, macs, role in capture_records(module, forward, input_shape, input_dtype):
     kind = kinds[role]
     block = block_index(path) if kind == "gated" else -1
     if kind == "gated" and block < 0:
