@@ -35,7 +35,7 @@ from flax import nnx
 from fractrain_jax import cost, quant
 from fractrain_jax.layers import BRANCH, SHORTCUT, GatedBits, StaticBits
 from fractrain_jax.models.backbone import Backbone, Plan
-from fractrain_jax.models.gate import HEADS, Gate
+from fractrain_jax.models.gate import Gate
 from fractrain_jax.models.parts import BlockBits, layer_key
 from fractrain_jax.models.residual import BasicBlock, Bottleneck
 
@@ -110,8 +110,6 @@ class GatedModel(nnx.Module):
     self.weight_bits = int(w)
     self.forward_mode = forward
     head = DEFAULT_HEADS[backbone.image_size] if gate_head is None else gate_head
-    if head not in HEADS:
-      raise ValueError(f"gate_head={head!r}; expected one of {tuple(HEADS)}")
     self.gate_head = head
     blocks = backbone.blocks
     # Decision l reads what enters block l: the stem for l = 0, block l-1 after that.
