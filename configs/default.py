@@ -175,9 +175,13 @@ def get_config() -> ml_collections.ConfigDict:
   # K times the compute). Same parameters, gate and cost accounting.
   config.dfq.forward = "single"
   # Gate head: 'cifar' (pool, 1x1 conv to 32, ReLU, 1x1 conv to 16; LSTM 16),
-  # 'imagenet' (pool, 1x1 conv to 40; LSTM 20), or 'auto': the authors' head
-  # for the model's input size (CIFAR for 32x32, ImageNet for 224x224).
+  # 'imagenet' (pool, 1x1 conv to 40; LSTM 20), 'mobilenet' (as 'cifar' at
+  # 64 and 32; LSTM 32), or 'auto': the authors' head for the model
+  # ('mobilenet' for mobilenet_v2, else 'cifar' at 32x32, 'imagenet' at 224x224).
   config.dfq.gate_head = "auto"
+  # Gate initialization: 'default' (zero biases, nnx's LSTM init) or 'authors'
+  # (PyTorch's defaults, as their code leaves them: uniform biases and LSTM).
+  config.dfq.gate_init = "default"
 
   config.checkpoint = ml_collections.ConfigDict()
   # Number of most recent checkpoints kept in the workdir.

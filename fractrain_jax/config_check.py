@@ -28,6 +28,7 @@ METHODS = steps.METHODS
 LR_SCHEDULES = optim.LR_SCHEDULES
 GATES = gate.SAMPLERS
 GATE_HEADS = ("auto",) + tuple(gate.HEADS)
+GATE_INITS = gate.INITS
 FORWARDS = gated.FORWARDS
 DATASETS = datasets.ARRAY_DATASETS + datasets.STREAMED_DATASETS
 FOLDER_PREFIX = datasets.FOLDER_PREFIX
@@ -257,6 +258,7 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
   _choice(config, "dfq.cost_weighting", cost.WEIGHTINGS)
   _choice(config, "dfq.forward", FORWARDS)
   _choice(config, "dfq.gate_head", GATE_HEADS)
+  _choice(config, "dfq.gate_init", GATE_INITS)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -135,7 +135,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
                        act_momentum=config.quant.act_momentum,
                        fw_candidates=tuple(d.fw_candidates), bw_candidates=tuple(d.bw_candidates),
                        weight_bits=d.weight_bits, gate=d.gate, forward=d.forward,
-                       gate_head=None if d.gate_head == "auto" else d.gate_head)
+                       gate_head=None if d.gate_head == "auto" else d.gate_head,
+                       gate_init=d.gate_init)
 
 
 def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> list[cost.LayerMACs]:

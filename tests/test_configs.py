@@ -252,6 +252,7 @@ BAD = [
     ("dfq", "dfq.cost_weighting", "flops"),
     ("dfq", "dfq.forward", "twice"),
     ("frac", "dfq.gate_head", "wide"),
+    ("dfq", "dfq.gate_init", "torch"),
     ("fp32", "checkpoint.keep", 0),
 ]
 
@@ -273,6 +274,7 @@ def test_good_variants_pass():
       ("dfq", "dfq.target_cp", 100.0),
       ("dfq", "dfq.forward", "per_candidate"),
       ("frac", "dfq.gate_head", "imagenet"),
+      ("dfq", "dfq.gate_init", "authors"),
       # FracTrain does not read the PFQ schedules, so their stage count is free.
       ("frac", "pfq.num_turning_points", 5),
   ]:

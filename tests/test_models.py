@@ -152,12 +152,16 @@ def test_batch_stats_are_not_parameters():
   assert not params & {path for path, _ in stats}
 
 
-def _gate_head_params(channels: int, imagenet: bool) -> int:
-  """CIFAR: GAP -> 1x1 conv (with bias) to 32 -> ReLU -> 1x1 conv (with bias) to 16.
-  ImageNet: GAP -> one 1x1 conv (with bias) to 40."""
-  if imagenet:
-    return channels * 40 + 40
-  return channels * 32 + 32 + 32 * 16 + 16
+# The authors' gate layouts: (hidden 1x1 conv width or None, embedding width, LSTM hidden size).
+_GATE_LAYOUTS = {"cifar": (32, 16, 16), "imagenet": (None, 40, 20), "mobilenet": (64, 32, 32)}
+
+
+def _gate_head_params(channels: int, layout: str) -> int:
+  """GAP -> [1x1 conv (with bias) to hidden -> ReLU ->] 1x1 conv (with bias) to the embedding."""
+  hidden, embed, _ = _GATE_LAYOUTS[layout]
+  if hidden is None:
+    return channels * embed + embed
+  return channels * hidden + hidden + hidden * embed + embed
 
 
 def _decision_channels(name: str) -> list[int]:
@@ -189,13 +193,15 @@ def test_gated_resnet38_gate_heads():
 def test_gated_parameter_count(name, num_classes, k):
   gated = abstract(f"gated_{name}", num_classes)
   backbone = n_params(abstract(name, num_classes))
-  imagenet = gated.image_size == 224
-  assert gated.gate_head == ("imagenet" if imagenet else "cifar")
-  heads = sum(_gate_head_params(c, imagenet) for c in _decision_channels(name))
+  # The authors' layout for each model (fractrain_cifar/models.py:416, 730;
+  # fractrain_imagenet/models.py:289).
+  layout = {"mobilenet_v2": "mobilenet", "resnet18": "imagenet"}.get(name, "cifar")
+  assert gated.gate_head == layout
+  heads = sum(_gate_head_params(c, layout) for c in _decision_channels(name))
   # nnx.LSTMCell(embed, hidden): input kernels 4 x embed x hidden, recurrent kernels
   # 4 x hidden x hidden, one bias 4 x hidden (PyTorch's nn.LSTM has a second, redundant
-  # bias). Embed and hidden: 16 and 16 (CIFAR), 40 and 20 (ImageNet).
-  embed, hidden = (40, 20) if imagenet else (16, 16)
+  # bias).
+  _, embed, hidden = _GATE_LAYOUTS[layout]
   lstm = 4 * (embed * hidden) + 4 * (hidden * hidden + hidden)
   projection = hidden * k + k
   assert gated.num_blocks == len(_decision_channels(name))

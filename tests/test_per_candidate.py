@@ -8,6 +8,7 @@ at a static precision, one block called per candidate.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,8 +144,41 @@ def test_gate_head_can_be_chosen_and_bad_options_are_refused():
   assert gated.gate.hidden_size == 16 and gated.gate.heads[0].hidden is not None
   assert nnx.eval_shape(lambda: models.create(
       "gated_resnet18", num_classes=10, rngs=nnx.Rngs(0))).gate.heads[0].hidden is None
-  with pytest.raises(ValueError, match="gate_head='wide'.*'cifar', 'imagenet'"):
+  with pytest.raises(ValueError, match="gate_head='wide'.*'cifar', 'imagenet', 'mobilenet'"):
     models.create("gated_resnet8", num_classes=10, rngs=nnx.Rngs(0), gate_head="wide")
   with pytest.raises(ValueError, match="forward='twice'.*'single', 'per_candidate'"):
     models.create("gated_resnet8", num_classes=10, rngs=nnx.Rngs(0), forward="twice")
-  assert tuple(gate_lib.HEADS) == ("cifar", "imagenet")
+  assert tuple(gate_lib.HEADS) == ("cifar", "imagenet", "mobilenet")
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+def test_torch_uniform_has_pytorchs_moments(terms):
+  """U(-b, b) has variance b^2 / 3; PyTorch's LSTM bias b_ih + b_hh is the sum of two."""
+  bound = 1 / np.sqrt(20)
+  x = np.asarray(gate_lib.torch_uniform(20, terms)(jax.random.key(0), (200_000,)))
+  assert np.abs(x).max() <= terms * bound
+  np.testing.assert_allclose(x.mean(), 0.0, atol=4 * np.sqrt(terms / 3 / 200_000) * bound)
+  np.testing.assert_allclose(x.var(), terms * bound**2 / 3, rtol=0.02)
+
+
+def test_authors_gate_init_draws_biases_and_lstm_as_pytorch():
+  reads = (16, 32)
+  default = gate_lib.Gate(reads, 5, rngs=nnx.Rngs(0))
+  authors = gate_lib.Gate(reads, 5, init="authors", rngs=nnx.Rngs(0))
+  for gate in (default, authors):
+    chex.assert_trees_all_equal_shapes(nnx.state(default, nnx.Param), nnx.state(gate, nnx.Param))
+  for head, c in zip(authors.heads, reads):
+    for linear, fan_in in ((head.hidden, c), (head.embed, 32)):
+      b = np.asarray(linear.bias[...])
+      assert np.abs(b).max() <= 1 / np.sqrt(fan_in) and np.any(b != 0)
+  hidden = authors.hidden_size
+  lstm = authors.lstm
+  for name in ("ii", "if_", "ig", "io", "hi", "hf", "hg", "ho"):
+    k = np.asarray(getattr(lstm, name).kernel[...])
+    assert np.abs(k).max() <= 1 / np.sqrt(hidden), name
+  biases = np.concatenate([np.asarray(getattr(lstm, n).bias[...]) for n in ("hi", "hf", "hg", "ho")])
+  assert np.abs(biases).max() <= 2 / np.sqrt(hidden) and np.abs(biases).max() > 1 / np.sqrt(hidden)
+  assert np.abs(np.asarray(authors.project.bias[...])).max() <= 1 / np.sqrt(hidden)
+  # The default keeps zero biases, and its LSTM is not bounded like PyTorch's.
+  assert not np.any(np.asarray(default.project.bias[...]))
+  assert np.abs(np.asarray(default.lstm.hi.kernel[...])).max() > 1 / np.sqrt(hidden)

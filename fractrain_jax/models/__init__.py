@@ -11,7 +11,7 @@ options are ``LM_OPTIONS``. It has no gated version.
 Plain models: ``model(x, bits=None, *, key=None) -> logits``.
 Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
 -> (logits, masks)``, options ``fw_candidates``, ``bw_candidates``,
-``weight_bits``, ``gate``, ``gate_head`` and ``forward`` (``GatedModel``).
+``weight_bits``, ``gate``, ``gate_head``, ``gate_init`` and ``forward`` (``GatedModel``).
 Both take ``act_momentum``.
 Every model has ``image_size``, ``num_blocks`` and ``layer_macs()``.
 """
@@ -50,6 +50,10 @@ _BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
+# The authors' gate head where it is not the one for the input size (GatedModel's default).
+AUTHORS_GATE_HEADS = {"mobilenet_v2": "mobilenet"}
+
+
 def available() -> tuple[str, ...]:
   """The backbone names; each is also accepted as ``gated_<name>``."""
   return tuple(_BACKBONES)
@@ -72,7 +76,7 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   act_momentum: momentum of every quantized layer's running input range
     (SPEC section 1; ``None`` keeps the layers' 0.9).
   options: the gated model's ``fw_candidates``, ``bw_candidates``,
-    ``weight_bits``, ``gate``, ``gate_head`` and ``forward``; the LM's
+    ``weight_bits``, ``gate``, ``gate_head``, ``gate_init`` and ``forward``; the LM's
     ``LM_OPTIONS`` (plain CNNs take none).
   """
   if name == LM:
@@ -90,6 +94,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   backbone = _set_momentum(_BACKBONES[base](num_classes=num_classes, rngs=rngs), act_momentum)
   if not gated:
     return backbone
+  if options.get("gate_head") is None and base in AUTHORS_GATE_HEADS:
+    options["gate_head"] = AUTHORS_GATE_HEADS[base]
   return GatedModel(backbone, rngs=rngs, **options)
 
 

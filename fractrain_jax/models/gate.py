@@ -1,7 +1,7 @@
 """DFQ's precision gate (SPEC section 4): per-decision heads, one shared LSTM cell, K logits.
 
 Decision l reads the features entering block l (the stem's output for l = 0)
-through its own head, in one of the authors' two layouts (``HEADS``):
+through its own head, in one of the authors' layouts (``HEADS``):
 
 - ``"cifar"`` (fractrain_cifar/models.py:416, 494-501): global average pool, 1x1
   conv (with bias) to 32, ReLU, 1x1 conv (with bias) to a 16-wide embedding;
@@ -9,9 +9,17 @@ through its own head, in one of the authors' two layouts (``HEADS``):
 - ``"imagenet"`` (fractrain_imagenet/models.py:289, 304-305, 356-362): global
   average pool, one 1x1 conv (with bias) to a 40-wide embedding; LSTM hidden
   size 20.
+- ``"mobilenet"`` (their CIFAR MobileNetV2, fractrain_cifar/models.py:730,
+  750-754, 767-773): the CIFAR layout at widths 64 and 32; LSTM hidden size 32.
 
 On a pooled 1x1 map a 1x1 conv is a dense layer, so the heads are written as
-``nnx.Linear`` (same parameters, same init rule). The embedding steps one LSTM
+``nnx.Linear`` (same parameters, same init rule for the weights). ``INITS``:
+``"default"`` starts the heads' and projection's biases at zero and the LSTM
+at nnx's defaults; ``"authors"`` draws them as PyTorch does in the authors'
+code (fractrain_cifar/models.py:454-463 touch only the weights): biases
+uniform in +-1/sqrt(fan_in), the LSTM's weights uniform in +-1/sqrt(hidden),
+and its one bias as the sum of PyTorch's two (b_ih + b_hh, each uniform in
++-1/sqrt(hidden)). The embedding steps one LSTM
 cell shared by all decisions, whose state starts at zero in every forward
 pass; a dense layer maps its hidden state to the K candidates' logits.
 
@@ -36,6 +44,7 @@ from fractrain_jax.layers import conv_init, dense_init
 from fractrain_jax.models.parts import global_avg_pool
 
 SAMPLERS = ("gumbel", "hard")
+INITS = ("default", "authors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +57,8 @@ class HeadLayout:
 
 
 HEADS = {"cifar": HeadLayout(hidden=32, embed=16, lstm_hidden=16),
-         "imagenet": HeadLayout(hidden=None, embed=40, lstm_hidden=20)}
+         "imagenet": HeadLayout(hidden=None, embed=40, lstm_hidden=20),
+         "mobilenet": HeadLayout(hidden=64, embed=32, lstm_hidden=32)}
 
 LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carries it.
 
@@ -87,19 +97,35 @@ def hard_argmax_st(logits: jax.Array) -> jax.Array:
   return _straight_through(hard, soft)
 
 
-def _conv1x1(in_features: int, out_features: int, rngs: nnx.Rngs) -> nnx.Linear:
+def torch_uniform(fan_in: int, terms: int = 1):
+  """PyTorch's default bias (and LSTM) init: uniform in +-1/sqrt(fan_in), summed ``terms`` times."""
+  bound = 1.0 / fan_in**0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    draws = jax.random.uniform(key, (terms, *shape), dtype, -bound, bound)
+    return jnp.sum(draws, axis=0)
+
+  return init
+
+
+def _bias_init(fan_in: int, init: str):
+  return torch_uniform(fan_in) if init == "authors" else nnx.initializers.zeros_init()
+
+
+def _conv1x1(in_features: int, out_features: int, init: str, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, kernel_init=conv_init(1, out_features),
-                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                    bias_init=_bias_init(in_features, init), rngs=rngs)
 
 
 class GateHead(nnx.Module):
   """Pooled features -> [1x1 conv to ``hidden`` -> ReLU ->] 1x1 conv to the embedding."""
 
-  def __init__(self, in_features: int, layout: HeadLayout, *, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, layout: HeadLayout, *, init: str = "default",
+               rngs: nnx.Rngs):
     self.hidden = (None if layout.hidden is None
-                   else _conv1x1(in_features, layout.hidden, rngs))
+                   else _conv1x1(in_features, layout.hidden, init, rngs))
     self.embed = _conv1x1(in_features if layout.hidden is None else layout.hidden,
-                          layout.embed, rngs)
+                          layout.embed, init, rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
     h = global_avg_pool(features)
@@ -112,22 +138,29 @@ class Gate(nnx.Module):
   """One head per decision, the shared LSTM cell and the projection to K logits.
 
   in_features: channels of the features each decision reads, in order.
-  head: the layout, a key of ``HEADS``.
+  head: the layout, a key of ``HEADS``. init: a key of ``INITS``.
   """
 
   def __init__(self, in_features: Sequence[int], num_candidates: int, *,
-               sampler: str = "gumbel", head: str = "cifar", rngs: nnx.Rngs):
+               sampler: str = "gumbel", head: str = "cifar", init: str = "default",
+               rngs: nnx.Rngs):
     if sampler not in SAMPLERS:
       raise ValueError(f"gate={sampler!r}; expected one of {SAMPLERS}")
     if head not in HEADS:
       raise ValueError(f"gate_head={head!r}; expected one of {tuple(HEADS)}")
+    if init not in INITS:
+      raise ValueError(f"gate_init={init!r}; expected one of {INITS}")
     layout = HEADS[head]
     hidden = layout.lstm_hidden
-    self.heads = nnx.List([GateHead(c, layout, rngs=rngs) for c in in_features])
-    self.lstm = nnx.LSTMCell(layout.embed, hidden, rngs=rngs)
+    self.heads = nnx.List([GateHead(c, layout, init=init, rngs=rngs) for c in in_features])
+    lstm_init = {}
+    if init == "authors":
+      lstm_init = dict(kernel_init=torch_uniform(hidden), recurrent_kernel_init=torch_uniform(hidden),
+                       bias_init=torch_uniform(hidden, terms=2))
+    self.lstm = nnx.LSTMCell(layout.embed, hidden, rngs=rngs, **lstm_init)
     self.project = nnx.Linear(hidden, num_candidates,
                               kernel_init=dense_init(hidden, num_candidates),
-                              bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                              bias_init=_bias_init(hidden, init), rngs=rngs)
     self.hidden_size = hidden
     self.sampler = sampler
     self.num_candidates = num_candidates

@@ -84,10 +84,11 @@ class GatedModel(nnx.Module):
 
   def __init__(self, backbone: Backbone, *, fw_candidates: Sequence[int] | None = None,
                bw_candidates: Sequence[int] | None = None, weight_bits: int | None = None,
-               gate: str = "gumbel", gate_head: str | None = None, forward: str = "single",
-               rngs: nnx.Rngs):
+               gate: str = "gumbel", gate_head: str | None = None, gate_init: str = "default",
+               forward: str = "single", rngs: nnx.Rngs):
     """gate: "gumbel" (straight-through Gumbel-softmax) or "hard" (the authors' argmax).
     gate_head: a ``gate.HEADS`` layout; None picks the authors' one for the input size.
+    gate_init: the gate's initialization, one of ``gate.INITS``.
     forward: how a gated block runs, one of ``FORWARDS`` (see the module docstring).
     """
     if forward not in FORWARDS:
@@ -115,7 +116,7 @@ class GatedModel(nnx.Module):
     # Decision l reads what enters block l: the stem for l = 0, block l-1 after that.
     read = [backbone.stem.out_features] + [blocks[l].out_features
                                            for l in range(len(blocks) - 1)]
-    self.gate = Gate(read, len(a), sampler=gate, head=head, rngs=rngs)
+    self.gate = Gate(read, len(a), sampler=gate, head=head, init=gate_init, rngs=rngs)
 
   @property
   def image_size(self) -> int:
