@@ -4,7 +4,7 @@ Full-precision ResNet-38 on CIFAR-10: SGD with momentum 0.9, weight decay 1e-4,
 lr 0.1, batch 128, 64,000 iterations with lr x0.1 at 32,000 and 48,000. The
 recipe files (``fp32_cifar10.py``, ``pfq_cifar10.py``, ...) start from here.
 
-Run: ``python3 main.py --config configs/default.py --workdir /tmp/fp32``;
+Run: ``python main.py --config configs/default.py --workdir /tmp/fp32``;
 any key can be overridden, e.g. ``--config.train.iters=2000``.
 """
 

@@ -5,7 +5,7 @@ candidate pairs (3,6) (4,6) (4,8) (6,8) (6,12) per input. The steering cp (the
 gated blocks' cost against FP32, each block weighted 1, as the authors count
 it) can reach 1.758-4.688 % with these candidates.
 
-Run: ``python3 main.py --config configs/dfq_cifar10.py --workdir /tmp/dfq_c10``;
+Run: ``python main.py --config configs/dfq_cifar10.py --workdir /tmp/dfq_c10``;
 the authors' deterministic gate: ``--config.dfq.gate=hard``.
 """
 

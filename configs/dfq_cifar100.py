@@ -3,7 +3,7 @@
 Trains gated_<model.name>: weights at 4 bits, each block picks one of the
 candidate pairs (3,6) (4,6) (4,8) (6,8) (6,12) per input.
 
-Run: ``python3 main.py --config configs/dfq_cifar100.py --workdir /tmp/dfq_c100``;
+Run: ``python main.py --config configs/dfq_cifar100.py --workdir /tmp/dfq_c100``;
 the README's ResNet-74 example: ``--config.model.name=resnet74``.
 """
 

@@ -1,6 +1,6 @@
 """Full-precision (FP32) baseline on CIFAR-10: the paper's recipe as it stands.
 
-Run: ``python3 main.py --config configs/fp32_cifar10.py --workdir /tmp/fp32_c10``;
+Run: ``python main.py --config configs/fp32_cifar10.py --workdir /tmp/fp32_c10``;
 a deeper model: ``--config.model.name=resnet74``.
 """
 

@@ -1,6 +1,6 @@
 """Full-precision (FP32) baseline on CIFAR-100.
 
-Run: ``python3 main.py --config configs/fp32_cifar100.py --workdir /tmp/fp32_c100``;
+Run: ``python main.py --config configs/fp32_cifar100.py --workdir /tmp/fp32_c100``;
 a deeper model: ``--config.model.name=resnet74``.
 """
 

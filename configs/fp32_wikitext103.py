@@ -5,14 +5,14 @@ Every LM recipe starts from this one (``sbm_wikitext103.py``,
 for a GPU and have not been run here; docs/RESULTS.md holds the CPU-scale
 runs.
 
-Run: ``python3 main.py --config configs/fp32_wikitext103.py
+Run: ``python main.py --config configs/fp32_wikitext103.py
 --config.data.dataset=text:data/wikitext-103 --workdir /tmp/fp32_wt103``.
 
 CPU scale, on the shipped WikiText-2 text (trains on its validation split
 and tests on its test split, which is not the standard protocol; extract it
 first with ``tar xzf ../shared/data/wikitext-2-valid-test.tar.gz -C data``):
 
-  python3 main.py --config configs/fp32_wikitext103.py \\
+  python main.py --config configs/fp32_wikitext103.py \\
       --config.data.dataset=text:data/wikitext-2 --config.data.text_train=valid \\
       --config.data.text_test=test --config.data.test_subset=16384 \\
       --config.model.lm.depth=2 --config.model.lm.width=128 --config.model.lm.heads=4 \\
@@ -22,7 +22,7 @@ first with ``tar xzf ../shared/data/wikitext-2-valid-test.tar.gz -C data``):
       --config.optim.warmup_iters=20 --config.optim.warmup_lr=1e-4 \\
       --config.pfq.window=3 --config.pfq.scale_epochs=5 --workdir /tmp/lm/fp32
 
-then ``python3 main.py ... --eval_only --config.data.test_subset=0`` with the
+then ``python main.py ... --eval_only --config.data.test_subset=0`` with the
 same flags for the perplexity of the whole test split.
 """
 

@@ -6,7 +6,7 @@ the gated blocks' cost against FP32, each block weighted 1; with these
 candidates it can reach 1.758-4.688 %, so the first target sits just below the
 floor, as in the authors' README).
 
-Run: ``python3 main.py --config configs/frac_cifar10.py --workdir /tmp/frac_c10``;
+Run: ``python main.py --config configs/frac_cifar10.py --workdir /tmp/frac_c10``;
 the paper's ResNet-74 row: ``--config.model.name=resnet74``.
 """
 

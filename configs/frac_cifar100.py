@@ -3,7 +3,7 @@
 PFQ's turning-point indicator raises the DFQ target by 0.5 at each of its 3
 turning points: 1.5, 2.0, 2.5, 3.0 % of the FP32 step cost.
 
-Run: ``python3 main.py --config configs/frac_cifar100.py --workdir /tmp/frac_c100``;
+Run: ``python main.py --config configs/frac_cifar100.py --workdir /tmp/frac_c100``;
 the README's ResNet-74 example: ``--config.model.name=resnet74``.
 """
 

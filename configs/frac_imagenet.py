@@ -7,7 +7,7 @@ With 6-bit weights and the ImageNet candidates the steering cp can reach
 one epoch is the 5,005 batches of 256 that cover the 1,281,167 training images
 (the last one partial in PyTorch's loader, which the authors used).
 
-Run: ``python3 main.py --config configs/frac_imagenet.py --workdir /tmp/frac_in``
+Run: ``python main.py --config configs/frac_imagenet.py --workdir /tmp/frac_in``
 with ``--config.data.data_dir=/path/to/tensorflow_datasets``; ResNet-34:
 ``--config.model.name=resnet34``.
 """

@@ -3,7 +3,7 @@
 The turning-point indicator (Alg. 1, eps 0.05, alpha 0.3) moves training to
 the next stage; the step recompiles only there.
 
-Run: ``python3 main.py --config configs/pfq_cifar10.py --workdir /tmp/pfq_c10``;
+Run: ``python main.py --config configs/pfq_cifar10.py --workdir /tmp/pfq_c10``;
 the paper's wider backward schedule:
 ``--config.pfq.bw_schedule='(6,8,12,16)'``.
 """

@@ -3,7 +3,7 @@
 The turning-point indicator (Alg. 1, eps 0.05, alpha 0.3) moves training to
 the next stage; the step recompiles only there.
 
-Run: ``python3 main.py --config configs/pfq_cifar100.py --workdir /tmp/pfq_c100``;
+Run: ``python main.py --config configs/pfq_cifar100.py --workdir /tmp/pfq_c100``;
 the README's ResNet-74 example:
 ``--config.model.name=resnet74``.
 """

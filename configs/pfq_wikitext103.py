@@ -5,7 +5,7 @@ eps 0.05, alpha 0.3) raises the precision of every QDense at each turning
 point. The CNNs' first stage (3/6 bits) is one step lower; we start the LM
 at 4/6, a choice not tested against 3 bits here.
 
-Run: ``python3 main.py --config configs/pfq_wikitext103.py
+Run: ``python main.py --config configs/pfq_wikitext103.py
 --config.data.dataset=text:data/wikitext-103 --workdir /tmp/pfq_wt103``;
 at CPU scale on WikiText-2, the flags of ``fp32_wikitext103.py``'s docstring
 (they include the indicator's window 3 and scale_epochs 5, so that turning

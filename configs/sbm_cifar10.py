@@ -1,6 +1,6 @@
 """SBM baseline (Banner et al. 2018) on CIFAR-10: static 8-bit forward, 8-bit backward.
 
-Run: ``python3 main.py --config configs/sbm_cifar10.py --workdir /tmp/sbm_c10``;
+Run: ``python main.py --config configs/sbm_cifar10.py --workdir /tmp/sbm_c10``;
 the paper's ResNet-74 row: ``--config.model.name=resnet74``.
 """
 

@@ -1,6 +1,6 @@
 """SBM baseline (Banner et al. 2018) on CIFAR-100: static 8-bit forward, 8-bit backward.
 
-Run: ``python3 main.py --config configs/sbm_cifar100.py --workdir /tmp/sbm_c100``;
+Run: ``python main.py --config configs/sbm_cifar100.py --workdir /tmp/sbm_c100``;
 the paper's ResNet-74 row: ``--config.model.name=resnet74``.
 """
 

@@ -4,7 +4,7 @@ The recipe of ``fp32_wikitext103.py`` with every QDense (Q, K, V, output
 projections, MLP) at 8/8 bits; embeddings, LayerNorms, softmax, attention
 products and the tied output layer stay full precision.
 
-Run: ``python3 main.py --config configs/sbm_wikitext103.py
+Run: ``python main.py --config configs/sbm_wikitext103.py
 --config.data.dataset=text:data/wikitext-103 --workdir /tmp/sbm_wt103``;
 at CPU scale on WikiText-2, the flags of ``fp32_wikitext103.py``'s docstring
 with ``--workdir /tmp/lm/sbm``.
