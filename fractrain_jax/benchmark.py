@@ -108,7 +108,7 @@ class StepRunner:
     model = steps.create_model(config, num_classes, seed)
     rng = np.random.default_rng(seed)
     n = max(num_examples, 2 * batch_size)
-    if getattr(model, "task", "classify") == "lm":  # Token windows and their next tokens.
+    if model.task == "lm":  # Token windows and their next tokens.
       trainer = steps.Trainer(config, model, mean=None, std=None)
       tokens = rng.integers(0, num_classes, (n, model.context + 1), np.int32)
       images, labels = tokens[:, :-1], tokens[:, 1:]

@@ -161,7 +161,7 @@ class Trainer:
     self.config = config
     self.method = config.method
     self.gated = is_gated(self.method)
-    self.task = getattr(model, "task", "classify")
+    self.task = model.task
     self.data_on_device = data_on_device
     self.mean = None if mean is None else tuple(mean)
     self.std = None if std is None else tuple(std)

@@ -13,7 +13,8 @@ Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
 -> (logits, masks)``, options ``fw_candidates``, ``bw_candidates``,
 ``weight_bits``, ``gate``, ``gate_head``, ``gate_init`` and ``forward`` (``GatedModel``).
 Both take ``act_momentum``.
-Every model has ``image_size``, ``num_blocks`` and ``layer_macs()``.
+Every model has ``task`` (``"classify"``, or ``"lm"`` for the LM), ``num_blocks`` and
+``layer_macs()``; the CNNs also ``image_size``.
 """
 
 from __future__ import annotations
@@ -50,10 +51,6 @@ _BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-# The authors' gate head where it is not the one for the input size (GatedModel's default).
-AUTHORS_GATE_HEADS = {"mobilenet_v2": "mobilenet"}
-
-
 def available() -> tuple[str, ...]:
   """The backbone names; each is also accepted as ``gated_<name>``."""
   return tuple(_BACKBONES)
@@ -62,11 +59,6 @@ def available() -> tuple[str, ...]:
 def names() -> tuple[str, ...]:
   """Every name ``create`` accepts: the backbones, their gated versions, then the LM."""
   return available() + tuple(GATED_PREFIX + n for n in _BACKBONES) + (LM,)
-
-
-def task(name: str) -> str:
-  """``"lm"`` (token windows, next-token loss) for the LM, ``"classify"`` otherwise."""
-  return "lm" if name == LM else "classify"
 
 
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float | None = None,
@@ -94,8 +86,6 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   backbone = _set_momentum(_BACKBONES[base](num_classes=num_classes, rngs=rngs), act_momentum)
   if not gated:
     return backbone
-  if options.get("gate_head") is None and base in AUTHORS_GATE_HEADS:
-    options["gate_head"] = AUTHORS_GATE_HEADS[base]
   return GatedModel(backbone, rngs=rngs, **options)
 
 
@@ -108,4 +98,4 @@ def _set_momentum(model: nnx.Module, act_momentum: float | None) -> nnx.Module:
 
 
 __all__ = ["Backbone", "GatedModel", "LM", "LM_OPTIONS", "POSITIONS", "Plan", "TransformerLM",
-           "available", "create", "names", "task"]
+           "available", "create", "names"]

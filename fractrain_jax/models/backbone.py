@@ -79,6 +79,8 @@ class Plan:
 class Backbone(nnx.Module):
   """stem -> blocks -> head; ``model(x, bits=None, *, key=None) -> logits``."""
 
+  task = "classify"  # The trainer reads it: images in, a label each (the LM's is "lm").
+
   def __init__(self, stem: Stem, blocks: Sequence[nnx.Module], head: Head, *,
                image_size: int):
     self.stem = stem

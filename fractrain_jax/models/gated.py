@@ -37,6 +37,7 @@ from fractrain_jax.layers import BRANCH, SHORTCUT, GatedBits, StaticBits
 from fractrain_jax.models.backbone import Backbone, Plan
 from fractrain_jax.models.gate import Gate
 from fractrain_jax.models.parts import BlockBits, layer_key
+from fractrain_jax.models.mobilenet_v2 import InvertedResidual
 from fractrain_jax.models.residual import BasicBlock, Bottleneck
 
 # SPEC section 4 and the README examples, by input size: (b_a, b_g candidates, b_w).
@@ -44,9 +45,16 @@ DEFAULT_CANDIDATES = {
     32: ((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4),      # CIFAR
     224: ((3, 4, 6, 8), (6, 8, 12, 16), 6),          # ImageNet
 }
-# The authors' gate head by input size (models/gate.py).
+# The authors' gate head by input size (models/gate.py); MobileNetV2 has its own.
 DEFAULT_HEADS = {32: "cifar", 224: "imagenet"}
 FORWARDS = ("single", "per_candidate")
+
+
+def authors_gate_head(backbone: Backbone) -> str:
+  """The gate head the authors build for this backbone (a ``gate.HEADS`` key)."""
+  if isinstance(backbone.blocks[0], InvertedResidual):
+    return "mobilenet"
+  return DEFAULT_HEADS[backbone.image_size]
 
 
 def per_candidate_block(block: nnx.Module, h: jax.Array, mask: jax.Array,
@@ -79,15 +87,18 @@ class GatedModel(nnx.Module):
 
   Candidates and gate head default by input size: CIFAR (3,4,4,6,6) /
   (6,6,8,8,12) with 4-bit weights and the CIFAR head, ImageNet (3,4,6,8) /
-  (6,8,12,16) with 6-bit weights and the ImageNet head.
+  (6,8,12,16) with 6-bit weights and the ImageNet head (MobileNetV2: its own
+  head, ``authors_gate_head``).
   """
+
+  task = "classify"
 
   def __init__(self, backbone: Backbone, *, fw_candidates: Sequence[int] | None = None,
                bw_candidates: Sequence[int] | None = None, weight_bits: int | None = None,
                gate: str = "gumbel", gate_head: str | None = None, gate_init: str = "default",
                forward: str = "single", rngs: nnx.Rngs):
     """gate: "gumbel" (straight-through Gumbel-softmax) or "hard" (the authors' argmax).
-    gate_head: a ``gate.HEADS`` layout; None picks the authors' one for the input size.
+    gate_head: a ``gate.HEADS`` layout; None picks the authors' one (``authors_gate_head``).
     gate_init: the gate's initialization, one of ``gate.INITS``.
     forward: how a gated block runs, one of ``FORWARDS`` (see the module docstring).
     """
@@ -110,7 +121,7 @@ class GatedModel(nnx.Module):
     self.bw_candidates = tuple(int(b) for b in g)
     self.weight_bits = int(w)
     self.forward_mode = forward
-    head = DEFAULT_HEADS[backbone.image_size] if gate_head is None else gate_head
+    head = authors_gate_head(backbone) if gate_head is None else gate_head
     self.gate_head = head
     blocks = backbone.blocks
     # Decision l reads what enters block l: the stem for l = 0, block l-1 after that.
