@@ -1,7 +1,8 @@
 """Full-precision Transformer LM on WikiText-103 (issue 14; our recipe, not the paper's).
 
 Every LM recipe starts from this one (``sbm_wikitext103.py``,
-``pfq_wikitext103.py``). The size and schedule below are a starting point
+``pfq_wikitext103.py``, ``dfq_wikitext103.py``, ``frac_wikitext103.py``), so
+it also holds the gated LM's candidates. The size and schedule below are a starting point
 for a GPU and have not been run here; docs/RESULTS.md holds the CPU-scale
 runs.
 
@@ -80,4 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_lr = 5e-5
   # Decoupled weight decay (AdamW).
   config.optim.weight_decay = 0.01
+  # The gated LM's candidates (dfq, frac): PFQ's three LM stages, 4/6, 6/8 and
+  # 8/8, chosen per token and sublayer; steering cp 3.385-6.250 %.
+  config.dfq.fw_candidates = (4, 6, 8)
+  # Backward bits of the candidates (paired with fw_candidates).
+  config.dfq.bw_candidates = (6, 8, 8)
+  # Weights of the gated matmuls at 8 bits, PFQ's last stage and SBM's.
+  config.dfq.weight_bits = 8
   return config

@@ -9,7 +9,8 @@ step: one whole training step (the jitted step that training runs, data
   (dfq with the authors' per-candidate block forward, ``dfq.forward``),
   timed after compilation. ``--model transformer_lm`` times the LM
   (``configs/default.py``'s shape, random token windows, ``--num-classes`` as
-  the vocabulary; fp32, static and pfq only).
+  the vocabulary; fp32, static, pfq, and dfq and frac with the LM recipes'
+  candidates and DFQ target: its per-token gate; no per-candidate variants).
   The methods take turns (one untimed and one timed step each), so drift in
   the machine's speed affects them alike.
 
@@ -33,6 +34,8 @@ from fractrain_jax import platform
 VARIANTS = {"dfq_per_candidate": ("dfq", {"forward": "per_candidate"}),
             "frac_per_candidate": ("frac", {"forward": "per_candidate"})}
 STEP_METHODS = ("fp32", "static", "pfq", "dfq", "frac") + tuple(VARIANTS)
+DEFAULT_METHODS = ("fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate")
+LM_METHODS = ("fp32", "static", "pfq", "dfq", "frac")
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:
@@ -96,12 +99,15 @@ class StepRunner:
     import jax.numpy as jnp
     import numpy as np
 
-    from configs import default
-    from fractrain_jax import data, steps
+    from configs import default, dfq_wikitext103
+    from fractrain_jax import data, models, steps
 
     config = default.get_config()
     method, dfq_overrides = VARIANTS.get(method, (method, {}))
     config.method = method
+    if model_name == models.LM:  # The LM recipes' candidates and target, default.py's shape.
+      config.dfq.update({k: dfq_wikitext103.get_config().dfq[k] for k in (
+          "fw_candidates", "bw_candidates", "weight_bits", "target_cp")})
     config.dfq.update(dfq_overrides)
     config.model.name = model_name
     config.train.batch_size = batch_size
@@ -130,6 +136,13 @@ class StepRunner:
 
 def bench_step(args) -> list[dict]:
   import jax
+
+  lm = args.model == "transformer_lm"
+  if args.methods is None:
+    args.methods = list(LM_METHODS if lm else DEFAULT_METHODS)
+  if lm and set(args.methods) - set(LM_METHODS):
+    raise SystemExit(f"--model transformer_lm times {', '.join(LM_METHODS)}; got "
+                     f"{', '.join(sorted(set(args.methods) - set(LM_METHODS)))}")
 
   runners = {method: StepRunner.create(
       method, model_name=args.model, batch_size=args.batch_size,
@@ -177,10 +190,9 @@ def main(argv: list[str] | None = None) -> int:
   s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
   s.add_argument("--num-classes", type=int, default=10,
                  help="classifier width, or the LM's vocabulary (default 10)")
-  s.add_argument("--methods", nargs="+", choices=STEP_METHODS,
-                 default=["fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate"],
-                 help="methods to time, in turn (default: all but frac_per_candidate; "
-                      "the LM takes fp32, static and pfq); fp32 is the ratios' base")
+  s.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=None,
+                 help=f"methods to time, in turn (default: {' '.join(DEFAULT_METHODS)}; "
+                      f"for the LM {' '.join(LM_METHODS)}); fp32 is the ratios' base")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")

@@ -122,7 +122,7 @@ def _check_model(config) -> None:
 
 
 def _check_lm(config, method: str) -> None:
-  """The Transformer LM's shape, its data (text:PATH) and its methods (no gated model)."""
+  """The Transformer LM's shape, its data (text:PATH) and its gate's forward (single only)."""
   lm = _get(config, "model.name") == models.LM
   dataset = _get(config, "data.dataset")
   text = isinstance(dataset, str) and dataset.startswith(TEXT_PREFIX)
@@ -132,10 +132,11 @@ def _check_lm(config, method: str) -> None:
   if text and not lm:
     raise ConfigError(f"config.model.name={_get(config, 'model.name')!r}; a {TEXT_PREFIX}PATH "
                       f"dataset trains the language model: expected {models.LM!r}")
-  if lm and method in steps.GATED_METHODS:
+  forward = _get(config, "dfq.forward")
+  if lm and method in steps.GATED_METHODS and forward != "single":
     raise ConfigError(
-        f"config.method={method!r}; {models.LM} has no DFQ gate (not built yet): expected one "
-        f"of {tuple(m for m in METHODS if m not in steps.GATED_METHODS)}")
+        f"config.dfq.forward={forward!r}; the gated {models.LM} chooses per token and runs "
+        "'single' only (per_candidate is the authors' CIFAR CNN computation)")
   for key in ("depth", "width", "heads", "mlp_ratio", "context"):
     _int_at_least(config, f"model.lm.{key}", 1)
   width, heads = _get(config, "model.lm.width"), _get(config, "model.lm.heads")

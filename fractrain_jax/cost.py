@@ -22,6 +22,15 @@ Two different percentages come out of this, and they must not be confused:
   over the candidates' unit costs whatever the model:
   ``sum_l w_l (FW_l + EB_l + GC_l) / (3 sum_l w_l) * 100`` with
   ``FW_l = b_a b_w / 32**2`` at block l's choice.
+
+Masks are ``(num_blocks, batch, K)`` when the gate chooses per sample (the
+CNNs), or ``(num_blocks, batch, positions, K)`` when it chooses per token
+(the Transformer LM, whose gated blocks are its sublayers). A sample is then
+one sequence, and each of its T tokens runs ``1/T`` of the block's MACs
+per sequence, so every function here first takes the mean of the masks
+over the positions (``per_sample_shares``): a sequence's cost is the mean
+over its tokens, and the batch's is the sum over its sequences, the same
+meaning per sample as for an image.
 """
 
 from __future__ import annotations
@@ -109,12 +118,26 @@ def static_cost(layers: Sequence[LayerMACs], bits: tuple[int, int] | None) -> Co
   return _sum(one(l) for l in layers)
 
 
+def per_sample_shares(masks):
+  """``(num_blocks, batch, K)``: each sample's share of each candidate per block.
+
+  Per-sample masks pass unchanged; per-token masks ``(L, batch, positions..., K)``
+  are averaged over the positions.
+  """
+  masks = jnp.asarray(masks)
+  if masks.ndim < 3:
+    raise ValueError(f"masks have shape {masks.shape}; expected (num_blocks, batch, ..., K)")
+  return masks if masks.ndim == 3 else masks.mean(axis=tuple(range(2, masks.ndim - 1)))
+
+
 def gated_cost(layers: Sequence[LayerMACs], masks, a: Sequence[int], g: Sequence[int],
                w: int) -> Cost:
   """Per-sample cost of a gated model's step, differentiable in ``masks``.
 
-  masks: (num_blocks, batch, K) choices; returns a Cost of (batch,) arrays.
+  masks: (num_blocks, batch, K) choices, or (num_blocks, batch, positions, K)
+  per token; returns a Cost of (batch,) arrays.
   """
+  masks = per_sample_shares(masks)
   a = jnp.asarray([_width(b) for b in a], jnp.float32)
   g = jnp.asarray([_width(b) for b in g], jnp.float32)
   w = _width(w)
@@ -130,6 +153,22 @@ def gated_cost(layers: Sequence[LayerMACs], masks, a: Sequence[int], g: Sequence
   block_macs = jnp.asarray(gated_macs, jnp.float32)
   per_sample = [jnp.einsum("l,lbk,k->b", block_macs, masks, u) for u in unit]
   return Cost(*(p + c for p, c in zip(per_sample, const)))
+
+
+def quantized_layers(layers: Sequence[LayerMACs]) -> list[LayerMACs]:
+  """The layers whose precision the method sets (kinds "static" and "gated").
+
+  Their cost is the "quantized-layer cost": what a method can save at all. On
+  the Transformer LM it matters beside the whole-model cost, which a
+  full-precision output layer over a large vocabulary dominates.
+  """
+  return [l for l in layers if l.kind in ("static", "gated")]
+
+
+def sbm8_quantized_cost(layers: Sequence[LayerMACs]) -> Cost:
+  """The quantized layers of ``layers`` at SBM 8/8 (weights at 8): their reference cost."""
+  return static_cost([dataclasses.replace(l, kind="static", block=-1)
+                      for l in quantized_layers(layers)], (8, 8))
 
 
 def total_macs(layers: Sequence[LayerMACs]) -> float:
@@ -183,7 +222,12 @@ def steer_cp_range(a: Sequence[int], g: Sequence[int], w: int) -> tuple[float, f
 
 
 def steer_cp(masks, weights: Sequence[float], a: Sequence[int], g: Sequence[int], w: int):
-  """The batch's mean steering cp (%), differentiable in ``masks`` (num_blocks, batch, K)."""
+  """The batch's mean steering cp (%), differentiable in ``masks``.
+
+  masks: (num_blocks, batch, K), or per token (num_blocks, batch, positions, K):
+  then the mean over every token of the batch.
+  """
+  masks = per_sample_shares(masks)
   weights = jnp.asarray(weights, jnp.float32)
   per_block = jnp.einsum("lbk,k->lb", masks, candidate_units(a, g, w)).mean(axis=1)
   return jnp.sum(weights * per_block) / (3 * jnp.sum(weights)) * 100
@@ -194,8 +238,10 @@ def steer_cost_sum(masks, weights: Sequence[float], a: Sequence[int], g: Sequenc
 
   ``sum_batch sum_blocks w_l (FW + EB + GC)_l / mean_l(w_l)`` (train_frac.py:432
   with ``conv_info``): summed over the samples, not averaged. With ``w_l = 1``
-  it is simply the sum of the chosen candidates' unit costs.
+  it is simply the sum of the chosen candidates' unit costs. With per-token
+  masks a sample is a sequence, and its block cost the mean over its tokens.
   """
+  masks = per_sample_shares(masks)
   weights = jnp.asarray(weights, jnp.float32)
   per_block = jnp.einsum("lbk,k->l", masks, candidate_units(a, g, w))
   return jnp.sum(weights * per_block) / jnp.mean(weights)

@@ -7,10 +7,12 @@ reaches the layer's two gradient products. Its precision comes as one of:
 
 - ``None``: full precision.
 - ``StaticBits(a, g, w)``: compile-time constants (static baselines, PFQ).
-- ``GatedBits(mask, a, g, w)``: DFQ's per-sample choice among K candidates.
-  The K candidate quantizations of the input share one range and are blended
-  by the mask, so one conv runs and the gate gets a gradient through the
-  blend; the output gradient is quantized per sample at the chosen ``g``.
+- ``GatedBits(mask, a, g, w)``: DFQ's choice among K candidates, per sample
+  (a CNN's mask is ``(batch, K)``) or per token (the Transformer LM's is
+  ``(batch, positions, K)``). The K candidate quantizations of the input
+  share one range and are blended by the mask, so one conv or matmul runs
+  and the gate gets a gradient through the blend; the output gradient is
+  quantized per sample (or token) at the chosen ``g``.
 
 Every quantized layer (and the classifier, a ``Dense``) is built with a
 *role*, the name of what sets its precision (see ``models/parts.py``). While
@@ -51,8 +53,8 @@ class StaticBits:
 
 @struct.dataclass
 class GatedBits:
-  """Per-sample choice among K candidate (a, g) pairs; weights at a fixed ``w``."""
-  mask: jax.Array  # (batch, K), one-hot in the forward pass.
+  """A choice among K candidate (a, g) pairs per sample or token; weights at a fixed ``w``."""
+  mask: jax.Array  # (batch, K) or (batch, positions, K), one-hot in the forward pass.
   a: tuple[int, ...] = struct.field(pytree_node=False)
   g: tuple[int, ...] = struct.field(pytree_node=False)
   w: int = struct.field(pytree_node=False)
@@ -60,7 +62,8 @@ class GatedBits:
   def choice(self) -> jax.Array:
     return jnp.argmax(self.mask, axis=-1)
 
-  def per_sample_g(self) -> jax.Array:
+  def chosen_g(self) -> jax.Array:
+    """The chosen gradient width of every sample (or token): the mask's leading shape."""
     return jnp.asarray(self.g, jnp.int32)[self.choice()]
 
 
@@ -201,7 +204,7 @@ class QuantizedLayer(nnx.Module):
     record_cost(self, self._macs(x, y), self.role)
     if bits is None or self.use_running_average:
       return y  # Evaluation has no backward pass to quantize.
-    g = bits.g if isinstance(bits, StaticBits) else bits.per_sample_g()
+    g = bits.g if isinstance(bits, StaticBits) else bits.chosen_g()
     return quant.quantize_grad(y, g, key)
 
 

@@ -2,9 +2,12 @@
 
 All quantizers are asymmetric min/max quantizers with ``2**b`` levels and
 return the dequantized ("fake") value. A bit width is either a Python int
-(static: changing it recompiles) or an integer array of shape ``(batch,)``
-applied per sample along axis 0 (traced: changing it does not). Width ``0``
-means "do not quantize": the tensor passes through bit for bit.
+(static: changing it recompiles) or an integer array over the tensor's
+leading axes (traced: changing it does not): shape ``(batch,)`` gives each
+sample of a CNN's batch its own width, ``(batch, positions)`` each token of a
+Transformer's sequences; the width broadcasts over the remaining axes.
+Ranges stay per tensor either way. Width ``0`` means "do not quantize": the
+tensor passes through bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ MIN_STEP = 1e-8
 
 
 def is_static(bits: Bits) -> bool:
-  """True for a Python (or NumPy scalar) int width, False for a per-sample array."""
+  """True for a Python (or NumPy scalar) int width, False for an array of widths."""
   return isinstance(bits, (int, np.integer)) and not isinstance(bits, bool)
 
 
@@ -40,17 +43,24 @@ def check_bits(bits: Bits, what: str = "bits") -> None:
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
     raise ValueError(
         f"{what}={bits!r} is not an integer bit width: pass a Python int in "
-        f"0..{MAX_BITS} or an integer array of shape (batch,)")
-  if getattr(bits, "ndim", None) != 1:
+        f"0..{MAX_BITS} or an integer array over the leading axes, e.g. (batch,)")
+  if getattr(bits, "ndim", 0) < 1:
     raise ValueError(
-        f"{what} has shape {bits.shape}; per-sample widths must have shape (batch,)")
+        f"{what} has shape {bits.shape}; an array of widths needs at least one axis "
+        "((batch,) per sample, (batch, positions) per token)")
   if isinstance(bits, np.ndarray) and (bits.min() < 0 or bits.max() > MAX_BITS):
     raise ValueError(f"{what}={bits!r} has values outside 0..{MAX_BITS}")
 
 
-def _per_sample(v: jax.Array, ndim: int) -> jax.Array:
-  """Reshapes a (batch,) vector to broadcast along axis 0 of an ndim tensor."""
-  return jnp.reshape(v, v.shape + (1,) * (ndim - 1))
+def _over_leading(v: jax.Array, ndim: int) -> jax.Array:
+  """Reshapes values over a tensor's leading axes to broadcast over its other axes."""
+  return jnp.reshape(v, v.shape + (1,) * (ndim - v.ndim))
+
+
+def _check_leading(what: str, shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
+  if len(shape) > len(x_shape) or tuple(x_shape[:len(shape)]) != tuple(shape):
+    raise ValueError(f"{what} has shape {tuple(shape)}; expected the leading axes of the "
+                     f"tensor's shape {tuple(x_shape)}")
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -105,7 +115,8 @@ def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None) 
       return x
     levels = jnp.float32(2.0**bits - 1)
   else:
-    levels = _per_sample(jnp.exp2(bits.astype(jnp.float32)) - 1.0, x.ndim)
+    _check_leading("bits", bits.shape, x.shape)
+    levels = _over_leading(jnp.exp2(bits.astype(jnp.float32)) - 1.0, x.ndim)
   xf = x.astype(jnp.float32)
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
@@ -122,7 +133,7 @@ def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None) 
   # level to [0, levels], and keeps constant tensors out of the fused kernel.
   q = jnp.minimum(jnp.maximum(jnp.round(v) * step + lo, lo), top)
   if not is_static(bits):
-    q = jnp.where(_per_sample(bits, x.ndim) == 0, xf, q)
+    q = jnp.where(_over_leading(bits, x.ndim) == 0, xf, q)
   return q.astype(x.dtype)
 
 
@@ -159,11 +170,13 @@ def fake_quant(x: jax.Array, bits: Bits, *, lo=None, hi=None) -> jax.Array:
 
 def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, lo,
                      hi, one_hot: bool = False) -> jax.Array:
-  """``sum_k mask[:, k] * Q_{widths[k]}(x)``: DFQ's per-sample choice of input width.
+  """``sum_k mask[..., k] * Q_{widths[k]}(x)``: DFQ's choice of input width.
 
-  All candidates share the range ``[lo, hi]``. Backward: straight-through in
-  ``x`` (``dx = g * sum_k mask[:, k]``) and ``d mask[n, k] = <g[n], Q_k(x[n])>``,
-  the gate's learning signal. The candidate quantizations are recomputed in the
+  mask: ``x.shape[:m] + (K,)``, one choice per sample (``m = 1``, the CNNs)
+  or per token (``m = 2``, the Transformer LM). All candidates share the
+  range ``[lo, hi]``. Backward: straight-through in ``x``
+  (``dx = g * sum_k mask[..., k]``) and ``d mask[n, k] = <g[n], Q_k(x[n])>``
+  over the remaining axes (``n`` a sample or a token), the gate's learning signal. The candidate quantizations are recomputed in the
   backward pass rather than stored: K activation-sized tensors per conv would
   otherwise be written and read back.
 
@@ -176,9 +189,10 @@ def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, 
   widths = tuple(int(w) for w in widths)
   for w in widths:
     check_bits(w, "candidate bits")
-  if mask.shape != (x.shape[0], len(widths)):
-    raise ValueError(f"mask has shape {mask.shape}; expected (batch, K) = "
-                     f"{(x.shape[0], len(widths))}")
+  if mask.ndim < 2 or mask.shape[-1] != len(widths):
+    raise ValueError(f"mask has shape {mask.shape}; expected (batch, K) or "
+                     f"(batch, positions, K) with K = {len(widths)} candidates")
+  _check_leading("mask", mask.shape[:-1], x.shape)
   lo = jax.lax.stop_gradient(jnp.asarray(lo, jnp.float32))
   hi = jax.lax.stop_gradient(jnp.asarray(hi, jnp.float32))
   return _blend(x, mask, lo, hi, widths, bool(one_hot))
@@ -196,8 +210,8 @@ def _blend(x, mask, lo, hi, widths, one_hot):
     return quantize(x, chosen, lo=lo, hi=hi)
   out = None
   for w, q in _blend_terms(x, lo, hi, widths).items():
-    weight = sum(mask[:, k] for k, wk in enumerate(widths) if wk == w)
-    term = _per_sample(weight.astype(x.dtype), x.ndim) * q
+    weight = sum(mask[..., k] for k, wk in enumerate(widths) if wk == w)
+    term = _over_leading(weight.astype(x.dtype), x.ndim) * q
     out = term if out is None else out + term
   return out
 
@@ -209,8 +223,8 @@ def _blend_fwd(x, mask, lo, hi, widths, one_hot):
 def _blend_bwd(widths, one_hot, res, g):
   del one_hot  # The same gradients either way.
   x, mask, lo, hi = res
-  dx = g * _per_sample(jnp.sum(mask, axis=-1).astype(g.dtype), g.ndim)
-  axes = tuple(range(1, x.ndim))
+  dx = g * _over_leading(jnp.sum(mask, axis=-1).astype(g.dtype), g.ndim)
+  axes = tuple(range(mask.ndim - 1, x.ndim))
   dots = {w: jnp.sum(g * q, axis=axes) for w, q in _blend_terms(x, lo, hi, widths).items()}
   dmask = jnp.stack([dots[w] for w in widths], axis=-1).astype(mask.dtype)
   return dx, dmask, jnp.zeros_like(lo), jnp.zeros_like(hi)
@@ -256,28 +270,29 @@ _quantize_grad_static.defvjp(_quantize_grad_static_fwd, _quantize_grad_static_bw
 
 
 @jax.custom_vjp
-def _quantize_grad_per_sample(y, bits, key):
+def _quantize_grad_array(y, bits, key):
   del bits, key
   return y
 
 
-def _quantize_grad_per_sample_fwd(y, bits, key):
+def _quantize_grad_array_fwd(y, bits, key):
   return y, (bits, key)
 
 
-def _quantize_grad_per_sample_bwd(res, g):
+def _quantize_grad_array_bwd(res, g):
   bits, key = res
   return _quantize_cotangent(g, bits, key), None, None
 
 
-_quantize_grad_per_sample.defvjp(_quantize_grad_per_sample_fwd, _quantize_grad_per_sample_bwd)
+_quantize_grad_array.defvjp(_quantize_grad_array_fwd, _quantize_grad_array_bwd)
 
 
 def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None) -> jax.Array:
   """Identity forward; backward quantizes the cotangent of ``y`` stochastically.
 
   The cotangent's range is its own per-tensor min/max over the whole batch;
-  per-sample ``bits`` pick each sample's grid within that range.
+  an array of ``bits`` over the leading axes picks each sample's (or token's)
+  grid within that range.
   """
   check_bits(bits)
   if is_static(bits):
@@ -287,5 +302,6 @@ def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None) -> jax.Array:
       raise ValueError(f"quantize_grad at {bits} bits needs a PRNG key for stochastic rounding")
     return _quantize_grad_static(y, key, int(bits))
   if key is None:
-    raise ValueError("quantize_grad with per-sample bits needs a PRNG key")
-  return _quantize_grad_per_sample(y, bits, key)
+    raise ValueError("quantize_grad with an array of bits needs a PRNG key")
+  _check_leading("bits", bits.shape, y.shape)
+  return _quantize_grad_array(y, bits, key)

@@ -18,6 +18,11 @@ Two costs per run, labelled apart (SPEC section 2): the whole-model cost (real
 per-layer MACs, the gated models' full-precision layers at 32 bits) and the
 paper's convention (mean steering cp times the FP32 cost), which is what the
 paper's tables compare. Each is shown against 8-bit SBM in the same convention.
+A third, the quantized-layer cost (the layers the method quantizes, alone,
+against the same layers at 8/8 bits), shows what a method saves where a
+full-precision layer dominates the whole model (the LM's output layer).
+Gated runs also get a table of each block's candidate mix (the LM's blocks
+are its attention and MLP sublayers).
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class Run:
   static_bits: tuple[int, int] | None = None
   final_test_ppl: float | None = None  # Language-model runs only.
   best_test_ppl: float | None = None
+  cost_quantized: float | None = None  # The quantized layers alone.
+  cost_quantized_sbm8: float | None = None  # The same layers at 8/8 bits.
 
   @property
   def is_lm(self) -> bool:
@@ -198,6 +205,8 @@ def load_run(workdir: str | Path) -> Run:
       static_bits=_static_bits(config, metrics),
       final_test_ppl=pick("final_test_ppl", ppls[-1] if ppls else None),
       best_test_ppl=pick("best_test_ppl", min(ppls) if ppls else None),
+      cost_quantized=pick("cost_quantized", last.get("cost_quantized")),
+      cost_quantized_sbm8=s.get("cost_quantized_sbm8"),
   )
 
 
@@ -290,8 +299,10 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
   names = labels(runs)
   lm = bool(runs) and all(r.is_lm for r in runs)
   result = ["final test ppl", "best test ppl"] if lm else ["final acc (%)", "best acc (%)"]
+  quantized = any(r.cost_quantized is not None for r in runs)
   header = ["run", "method", "model", "status", *result,
             "whole-model cost (MACs)", "vs 8-bit", "paper-convention cost (MACs)", "paper vs 8-bit",
+            *(["quantized-layer cost (MACs)", "quantized vs 8-bit"] if quantized else []),
             "steering cp (%)", "whole-model cp (%)", "turning points", "wall"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   sources: dict[str, list[str]] = {}
@@ -305,13 +316,19 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
                else (run.final_test_acc, run.best_test_acc))
     cells = [name, run.method, run.model, status, *(_num(r, ".2f") for r in results),
              sci(run.total_cost), _ratio(run.total_cost, base.cost),
-             sci(run.cost_paper), _ratio(run.cost_paper, base.cost_paper), _steer_cell(run),
+             sci(run.cost_paper), _ratio(run.cost_paper, base.cost_paper),
+             *([sci(run.cost_quantized), _ratio(run.cost_quantized, run.cost_quantized_sbm8)]
+               if quantized else []), _steer_cell(run),
              _num(run.mean_model_cp, ".2f"), tps, hms(run.wall_s)]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Whole-model cost: real per-layer MACs of every layer, full-precision ones at 32 bits. "
                "Paper convention: mean steering cp (gated runs; whole-model cp otherwise) times the "
                "FP32 cost, as the paper's tables count.")
+  if quantized:
+    lines.append("Quantized-layer cost: the layers the method quantizes (a gated model's gated "
+                 "blocks), alone; 'quantized vs 8-bit' against the same layers at 8/8 bits "
+                 "(n/a before summary.json).")
   for source, who in sources.items():
     lines.append(f"vs 8-bit for {', '.join(f'`{w}`' for w in who)}: relative to {source}.")
   if any(not r.finished for r in runs):
@@ -462,6 +479,33 @@ def choice_shares(run: Run) -> list[list[float]] | None:
   return shares
 
 
+def block_names(run: Run, count: int) -> list[str]:
+  """Display names of a gated run's blocks: the LM's are its attention and MLP sublayers."""
+  if run.is_lm:
+    return [f"{b // 2}.{'attention' if b % 2 == 0 else 'MLP'}" for b in range(count)]
+  return [str(b) for b in range(count)]
+
+
+def _candidate_names(run: Run, k: int) -> list[str]:
+  cands = next((r["candidates"] for r in reversed(run.metrics) if r.get("candidates")), None)
+  return ([f"{a}/{g} bits" for a, g in zip(cands[0], cands[1])] if cands
+          else [f"candidate {c}" for c in range(k)])
+
+
+def choice_table(run: Run, name: str) -> str | None:
+  """Markdown: per block, each candidate's share (%) over the run; None for plain runs."""
+  shares = choice_shares(run)
+  if shares is None:
+    return None
+  cands = _candidate_names(run, len(shares[0]))
+  unit = "tokens" if run.is_lm else "samples"
+  lines = [f"Candidate mix of `{name}` (share of {unit} per block over the run, %):", "",
+           "| block | " + " | ".join(cands) + " |", "|" + "---|" * (len(cands) + 1)]
+  for block, row in zip(block_names(run, len(shares)), shares):
+    lines.append(f"| {block} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot_choices(run: Run, name: str, path: Path) -> Path | None:
   """Stacked bar per block: how often each candidate precision was picked."""
   from matplotlib.figure import Figure
@@ -469,10 +513,8 @@ def plot_choices(run: Run, name: str, path: Path) -> Path | None:
   shares = choice_shares(run)
   if shares is None:
     return None
-  cands = next((r["candidates"] for r in reversed(run.metrics) if r.get("candidates")), None)
   k = len(shares[0])
-  names = ([f"{a}/{g} bits" for a, g in zip(cands[0], cands[1])] if cands
-           else [f"candidate {c}" for c in range(k)])
+  names = _candidate_names(run, k)
   fig = Figure(figsize=(max(6.0, 0.3 * len(shares) + 2.0), 4.2), layout="constrained")
   ax = fig.add_subplot()
   blocks = list(range(len(shares)))
@@ -481,9 +523,11 @@ def plot_choices(run: Run, name: str, path: Path) -> Path | None:
     heights = [100 * s[c] for s in shares]
     ax.bar(blocks, heights, bottom=bottom, label=names[c])
     bottom = [b + h for b, h in zip(bottom, heights)]
-  ax.set_xticks(blocks[:: max(1, len(blocks) // 20)])
-  ax.set_xlabel("block (decision before it)")
-  ax.set_ylabel("share of samples (%)")
+  ticks = blocks[:: max(1, len(blocks) // 20)]
+  ax.set_xticks(ticks, [block_names(run, len(blocks))[b] for b in ticks],
+                rotation=30 if run.is_lm else 0)
+  ax.set_xlabel("sublayer (decision before it)" if run.is_lm else "block (decision before it)")
+  ax.set_ylabel(f"share of {'tokens' if run.is_lm else 'samples'} (%)")
   ax.set_ylim(0, 100)
   ax.set_title(f"{name}: precision choices over the run (fw/bw)")
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -509,6 +553,9 @@ def plot_all(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 
 def render_report(runs: Sequence[Run], baseline: Run | None, figures: Sequence[Path], out_dir: Path) -> str:
   parts = ["# FracTrain runs\n", markdown_table(runs, baseline)]
+  mixes = [choice_table(run, name) for run, name in zip(runs, labels(runs))]
+  if any(mixes):
+    parts += ["\n## Candidate mix\n"] + [m for m in mixes if m]
   if figures:
     parts.append("\n## Figures\n")
     parts += [f"![{p.stem}]({p.relative_to(out_dir)})\n" for p in figures]

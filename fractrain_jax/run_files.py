@@ -37,6 +37,7 @@ METRIC_KEYS = {
     "cost_eb": "cumulative error-backprop part of cost",
     "cost_gc": "cumulative weight-gradient part of cost",
     "cost_paper": "cumulative cost in the paper's convention: steering cp x FP32 cost",
+    "cost_quantized": "cumulative cost of the layers the method quantizes, alone",
     "choice_ratio": "gated runs: per block, the share of each candidate over the interval",
     "candidates": "gated runs: [fw candidates, bw candidates]",
     "wall_s": "training wall time so far, seconds",

@@ -114,10 +114,18 @@ def is_gated(method: str) -> bool:
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The registry options of a plain model: the LM's shape, none for a CNN."""
+  """The registry options of the plain model: the LM's shape, none for a CNN."""
   if config.model.name != models.LM:
     return {}
   return {k: config.model.lm[k] for k in models.LM_OPTIONS}
+
+
+def gate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The registry options of the gated model (``models.GATED_OPTIONS``) from ``config.dfq``."""
+  d = config.dfq
+  return dict(fw_candidates=tuple(d.fw_candidates), bw_candidates=tuple(d.bw_candidates),
+              weight_bits=d.weight_bits, gate=d.gate, forward=d.forward,
+              gate_head=None if d.gate_head == "auto" else d.gate_head, gate_init=d.gate_init)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int):
@@ -130,13 +138,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int)
   if not is_gated(config.method):
     return models.create(name, num_classes=num_classes, rngs=rngs,
                          act_momentum=config.quant.act_momentum, **model_options(config))
-  d = config.dfq
-  return models.create(f"gated_{name}", num_classes=num_classes, rngs=rngs,
-                       act_momentum=config.quant.act_momentum,
-                       fw_candidates=tuple(d.fw_candidates), bw_candidates=tuple(d.bw_candidates),
-                       weight_bits=d.weight_bits, gate=d.gate, forward=d.forward,
-                       gate_head=None if d.gate_head == "auto" else d.gate_head,
-                       gate_init=d.gate_init)
+  return models.create(models.GATED_PREFIX + name, num_classes=num_classes, rngs=rngs,
+                       act_momentum=config.quant.act_momentum, **model_options(config),
+                       **gate_options(config))
 
 
 def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> list[cost.LayerMACs]:
@@ -177,6 +181,8 @@ class Trainer:
     self.eval_graphdef = nnx.split(evaluated, nnx.Param, ...)[0]
     self._init = (params, rest)
     self.layers = model.layer_macs()
+    # The layers the method quantizes: their cost is what it can save at all.
+    self.quantized = cost.quantized_layers(self.layers)
     # The FP32 cost of one sample's step: the unit of the paper's cost convention.
     self.fp32_step_cost = cost.fp32_cost(self.layers).total
     if self.gated:
@@ -214,6 +220,8 @@ class Trainer:
       logits, step_cost, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
     else:
       logits, step_cost, cost_term, metrics = self._plain_forward(model, x, key, precision, tau)
+      metrics["cost_quantized"] = jnp.float32(
+          cost.static_cost(self.quantized, precision.bits).total)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     model_cp = cost.cp(step_cost, self.layers)
     hits = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
@@ -235,11 +243,15 @@ class Trainer:
     cands = (d.fw_candidates, d.bw_candidates, d.weight_bits)
     per_sample = cost.gated_cost(self.layers, masks, *cands)
     step_cost = cost.Cost(*(c.mean() for c in per_sample))
+    quantized = cost.gated_cost(self.quantized, masks, *cands).total.mean()
     steer_cp = cost.steer_cp(masks, self.block_weights, *cands)
     cost_term = dfq.cost_loss(cost.steer_cost_sum(masks, self.block_weights, *cands), steer_cp,
                               target_cp, beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
                               relax=d.relax, range_=d.range)
-    metrics = {"choice": masks.mean(axis=1), "steer_cp": steer_cp, "paper_cp": steer_cp}
+    # Each candidate's share per gated block, over the batch (and its tokens).
+    choice = cost.per_sample_shares(masks).mean(axis=1)
+    metrics = {"choice": choice, "steer_cp": steer_cp, "paper_cp": steer_cp,
+               "cost_quantized": quantized}
     return logits, step_cost, cost_term, metrics
 
   def _plain_forward(self, model, x, key, precision: Precision, tau):

@@ -97,6 +97,7 @@ class RunState:
   indicator: dict | None = None         # pfq.TurningPointIndicator.state_dict().
   cost: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # FW, EB, GC.
   cost_paper: float = 0.0               # The paper's convention: steering cp x FP32 cost.
+  cost_quantized: float = 0.0           # The quantized layers' cost alone.
   turning_points: list[int] = dataclasses.field(default_factory=list)
   best_test_acc: float | None = None
   last_test_acc: float | None = None
@@ -594,7 +595,10 @@ def _event_line(session: Session, record: dict, images_per_s: float | None, eta:
   if record["phase"] != "train":
     parts.append(record["phase"])
   if images_per_s is not None:
-    parts.append(f"{images_per_s:.0f} img/s")
+    if session.trainer.task == "lm":  # A sample is a window of context tokens.
+      parts.append(f"{images_per_s * config.model.lm.context:.0f} tokens/s")
+    else:
+      parts.append(f"{images_per_s:.0f} img/s")
   parts.append(f"ETA {eta}")
   return " | ".join(parts)
 
@@ -662,6 +666,7 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
   run.cost = [total + interval.mean(k) * samples
               for total, k in zip(run.cost, ("cost_fw", "cost_eb", "cost_gc"))]
   run.cost_paper += interval.mean("paper_cp") / 100 * trainer.fp32_step_cost * samples
+  run.cost_quantized += interval.mean("cost_quantized") * samples
   run.model_cp_sum += interval.sums["model_cp"]
   run.cp_steps += interval.steps
   # Only gated steps have a steering cp (a gated model's fine-tuning has none).
@@ -685,7 +690,8 @@ def _end_interval(session: Session, run: RunState, indicator: pfq.TurningPointIn
       "target_cp": target, "steer_cp": interval.mean("steer_cp"),
       "model_cp": interval.mean("model_cp"),
       "cost": sum(run.cost), "cost_fw": run.cost[0], "cost_eb": run.cost[1],
-      "cost_gc": run.cost[2], "cost_paper": run.cost_paper, "wall_s": run.wall_s,
+      "cost_gc": run.cost[2], "cost_paper": run.cost_paper,
+      "cost_quantized": run.cost_quantized, "wall_s": run.wall_s,
       "method": config.method, "model": config.model.name, "phase": run.phase,
   }
   if interval.choice is not None:
@@ -728,6 +734,10 @@ def _summary(session: Session, run: RunState) -> dict[str, Any]:
       "cost_paper": run.cost_paper,
       "cost_fp32": cost.fp32_cost(session.plain_layers).total * samples,
       "cost_sbm8": cost.static_cost(session.plain_layers, (8, 8)).total * samples,
+      # The layers this run quantizes, alone, and the same layers at SBM 8/8.
+      "cost_quantized": run.cost_quantized,
+      "cost_quantized_sbm8": (cost.sbm8_quantized_cost(session.trainer.layers).total
+                              * samples),
       "mean_model_cp": run.model_cp_sum / max(run.cp_steps, 1),
       "mean_steer_cp": run.steer_cp_sum / run.steer_cp_steps if run.steer_cp_steps else None,
       "turning_points": run.turning_points, "wall_s": run.wall_s,

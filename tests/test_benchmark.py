@@ -50,3 +50,20 @@ def test_quant_compares_each_quantized_conv_with_fp32():
   assert [r["variant"] for r in rows] == ["fp32", "quantized_8_8", "quantized_4_6"]
   for r in rows:
     assert r["ratio_to_fp32"] == pytest.approx(r["ms"] / rows[0]["ms"])
+
+
+def test_lm_step_times_the_gated_lm_with_the_lm_recipes_candidates():
+  rows = run_json(["step", "--model", "transformer_lm", "--batch-size", "2", "--repeats", "1",
+                   "--num-classes", "50", "--methods", "fp32", "dfq", "frac"])
+  assert [r["method"] for r in rows] == ["fp32", "dfq", "frac"]
+  runner = benchmark.StepRunner.create("dfq", model_name="transformer_lm", batch_size=2,
+                                       num_classes=50)
+  assert runner.trainer.config.dfq.fw_candidates == (4, 6, 8)
+  assert runner.trainer.config.dfq.target_cp == 4.8
+  # Every quantized matmul is charged to its sublayer's per-token choice.
+  assert {l.block for l in runner.trainer.layers if l.kind == "gated"} == {0, 1, 2, 3}
+
+
+def test_lm_step_refuses_the_per_candidate_variants():
+  with pytest.raises(SystemExit, match="transformer_lm times"):
+    benchmark.main(["step", "--model", "transformer_lm", "--methods", "dfq_per_candidate"])

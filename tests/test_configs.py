@@ -22,7 +22,8 @@ CONFIG_DIR = REPO / "configs"
 RECIPES = ("default", "fp32_cifar10", "fp32_cifar100", "sbm_cifar10",
            "sbm_cifar100", "pfq_cifar10", "pfq_cifar100", "dfq_cifar10",
            "dfq_cifar100", "frac_cifar10", "frac_cifar100", "frac_imagenet",
-           "fp32_wikitext103", "sbm_wikitext103", "pfq_wikitext103")
+           "fp32_wikitext103", "sbm_wikitext103", "pfq_wikitext103", "dfq_wikitext103",
+           "frac_wikitext103")
 # The backbone names of the config schema.
 SCHEMA_MODELS = ("resnet20", "resnet38", "resnet74", "resnet110", "resnet152",
                  "mobilenet_v2", "resnet18", "resnet34", "resnet50")
@@ -145,6 +146,15 @@ EXPECTED = {
     "pfq_wikitext103": {"method": "pfq", "model.name": "transformer_lm",
                         "pfq.fw_schedule": (4, 6, 8), "pfq.bw_schedule": (6, 8, 8),
                         "pfq.num_turning_points": 2, "optim.name": "adamw"},
+    "dfq_wikitext103": {"method": "dfq", "model.name": "transformer_lm",
+                        "dfq.fw_candidates": (4, 6, 8), "dfq.bw_candidates": (6, 8, 8),
+                        "dfq.weight_bits": 8, "dfq.target_cp": 4.8, "dfq.forward": "single",
+                        "optim.name": "adamw"},
+    "frac_wikitext103": {"method": "frac", "model.name": "transformer_lm",
+                         "dfq.fw_candidates": (4, 6, 8), "dfq.bw_candidates": (6, 8, 8),
+                         "dfq.weight_bits": 8, "dfq.target_cp": 3.6, "dfq.target_step": 0.6,
+                         "pfq.num_turning_points": 2, "pfq.eps": 0.05, "pfq.alpha": 0.3,
+                         "quant.act_momentum": 0.9, "optim.name": "adamw"},
 }
 
 

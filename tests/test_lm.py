@@ -213,8 +213,7 @@ def test_lm_run_resumes_exactly(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("method", "dfq", "'dfq'; transformer_lm has no DFQ gate"),
-    ("method", "frac", "'frac'; transformer_lm has no DFQ gate"),
+    ("dfq.forward", "per_candidate", "transformer_lm chooses per token and runs 'single'"),
     ("data.dataset", "cifar10", "transformer_lm trains on a word-level corpus"),
     ("model.lm.heads", 3, "expected a divisor of config.model.lm.width=16"),
     ("model.lm.positions", "rotary", "model.lm.positions='rotary'"),
@@ -222,7 +221,7 @@ def test_lm_run_resumes_exactly(corpus, tmp_path):
 ])
 def test_bad_lm_configs_are_refused_early(key, value, match):
   with pytest.raises(ConfigError, match=match):
-    config_check.validate(lm_config("fp32", "text:/data", **{key: value}))
+    config_check.validate(lm_config("dfq", "text:/data", **{key: value}))
 
 
 def test_a_text_dataset_needs_the_lm():

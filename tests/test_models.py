@@ -52,7 +52,8 @@ def images(batch: int, size: int, seed: int = 0) -> jax.Array:
 
 def test_registry_names():
   assert models.available() == BACKBONES
-  assert set(models.names()) == set(BACKBONES) | {f"gated_{n}" for n in BACKBONES} | {models.LM}
+  assert set(models.names()) == (set(BACKBONES) | {f"gated_{n}" for n in BACKBONES}
+                                 | {models.LM, "gated_" + models.LM})
 
 
 def test_unknown_name_lists_accepted_names():

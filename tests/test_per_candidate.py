@@ -148,7 +148,7 @@ def test_gate_head_can_be_chosen_and_bad_options_are_refused():
     models.create("gated_resnet8", num_classes=10, rngs=nnx.Rngs(0), gate_head="wide")
   with pytest.raises(ValueError, match="forward='twice'.*'single', 'per_candidate'"):
     models.create("gated_resnet8", num_classes=10, rngs=nnx.Rngs(0), forward="twice")
-  assert tuple(gate_lib.HEADS) == ("cifar", "imagenet", "mobilenet")
+  assert tuple(gate_lib.HEADS) == ("cifar", "imagenet", "mobilenet", "lm")
 
 
 @pytest.mark.parametrize("terms", [1, 2])

@@ -6,11 +6,13 @@ for smoke runs. Each is also available as
 ``gated_<name>``, the DFQ model of SPEC section 4 (``names()`` lists all).
 ``transformer_lm`` is a causal Transformer language model
 (``transformer_lm.py``); ``num_classes`` is its vocabulary size and its
-options are ``LM_OPTIONS``. It has no gated version.
+options are ``LM_OPTIONS``. ``gated_transformer_lm`` is its DFQ model
+(``gated_lm.py``: a per-token gate before every sublayer), taking both the
+LM's options and the gated ones.
 
 Plain models: ``model(x, bits=None, *, key=None) -> logits``.
 Gated models: ``model(x, *, key=None, tau=1.0, force=None, full_precision=False)
--> (logits, masks)``, options ``fw_candidates``, ``bw_candidates``,
+-> (logits, masks)`` (masks per block and sample, or per sublayer and token), options ``fw_candidates``, ``bw_candidates``,
 ``weight_bits``, ``gate``, ``gate_head``, ``gate_init`` and ``forward`` (``GatedModel``).
 Both take ``act_momentum``.
 Every model has ``task`` (``"classify"``, or ``"lm"`` for the LM), ``num_blocks`` and
@@ -27,6 +29,7 @@ from flax import nnx
 from fractrain_jax.layers import QuantizedLayer
 from fractrain_jax.models.backbone import Backbone, Plan
 from fractrain_jax.models.gated import GatedModel
+from fractrain_jax.models.gated_lm import GatedTransformerLM
 from fractrain_jax.models.mobilenet_v2 import mobilenet_v2
 from fractrain_jax.models.resnet_cifar import cifar_resnet
 from fractrain_jax.models.resnet_imagenet import imagenet_resnet
@@ -56,26 +59,38 @@ def available() -> tuple[str, ...]:
   return tuple(_BACKBONES)
 
 
+# The gated models' options (``GatedModel``, ``GatedTransformerLM``).
+GATED_OPTIONS = ("fw_candidates", "bw_candidates", "weight_bits", "gate", "gate_head",
+                 "gate_init", "forward")
+
+
 def names() -> tuple[str, ...]:
-  """Every name ``create`` accepts: the backbones, their gated versions, then the LM."""
-  return available() + tuple(GATED_PREFIX + n for n in _BACKBONES) + (LM,)
+  """Every name ``create`` accepts: the backbones, their gated versions, then the LM's two."""
+  return available() + tuple(GATED_PREFIX + n for n in _BACKBONES) + (LM, GATED_PREFIX + LM)
 
 
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float | None = None,
-           **options: Any) -> Backbone | GatedModel | TransformerLM:
+           **options: Any) -> Backbone | GatedModel | TransformerLM | GatedTransformerLM:
   """The model called ``name``.
 
   act_momentum: momentum of every quantized layer's running input range
     (SPEC section 1; ``None`` keeps the layers' 0.9).
-  options: the gated model's ``fw_candidates``, ``bw_candidates``,
-    ``weight_bits``, ``gate``, ``gate_head``, ``gate_init`` and ``forward``; the LM's
-    ``LM_OPTIONS`` (plain CNNs take none).
+  options: the gated models' ``GATED_OPTIONS``; the LM's ``LM_OPTIONS``
+    (the gated LM takes both; plain CNNs take none).
   """
-  if name == LM:
-    unknown = set(options) - set(LM_OPTIONS)
+  if name in (LM, GATED_PREFIX + LM):
+    gated = name != LM
+    accepted = LM_OPTIONS + (GATED_OPTIONS if gated else ())
+    unknown = set(options) - set(accepted)
     if unknown:
-      raise ValueError(f"{LM} takes the options {LM_OPTIONS}, got {sorted(unknown)}")
-    return _set_momentum(TransformerLM(num_classes, rngs=rngs, **options), act_momentum)
+      raise ValueError(f"{name} takes the options {accepted}, got {sorted(unknown)}")
+    lm = TransformerLM(num_classes, rngs=rngs, **{k: v for k, v in options.items()
+                                                  if k in LM_OPTIONS})
+    lm = _set_momentum(lm, act_momentum)
+    if not gated:
+      return lm
+    return GatedTransformerLM(lm, rngs=rngs, **{k: v for k, v in options.items()
+                                                if k in GATED_OPTIONS})
   gated = name.startswith(GATED_PREFIX)
   base = name[len(GATED_PREFIX):] if gated else name
   if base not in _BACKBONES:
@@ -86,6 +101,9 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, act_momentum: float |
   backbone = _set_momentum(_BACKBONES[base](num_classes=num_classes, rngs=rngs), act_momentum)
   if not gated:
     return backbone
+  unknown = set(options) - set(GATED_OPTIONS)
+  if unknown:
+    raise ValueError(f"{name} takes the options {GATED_OPTIONS}, got {sorted(unknown)}")
   return GatedModel(backbone, rngs=rngs, **options)
 
 
@@ -97,5 +115,5 @@ def _set_momentum(model: nnx.Module, act_momentum: float | None) -> nnx.Module:
   return model
 
 
-__all__ = ["Backbone", "GatedModel", "LM", "LM_OPTIONS", "POSITIONS", "Plan", "TransformerLM",
+__all__ = ["Backbone", "GATED_OPTIONS", "GatedModel", "GatedTransformerLM", "LM", "LM_OPTIONS", "POSITIONS", "Plan", "TransformerLM",
            "available", "create", "names"]

@@ -78,24 +78,27 @@ def capture_records(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array
 def capture_layer_macs(module: nnx.Module, forward: Callable[[nnx.Module, jax.Array], Any],
                        input_shape: Sequence[int], *, gated: Sequence[str] = (),
                        name: Callable[[Path], str] = path_name,
+                       block: Callable[[Path], int] = block_index,
                        input_dtype: Any = jnp.float32) -> list[cost.LayerMACs]:
   """The cost table of ``forward(module, x)``: one row per layer call, in call order.
 
   gated: the roles a gate sets; empty for a plain model. Otherwise the layers
     are labelled as a gated model runs them: those roles "gated" with the
-    block index of their ``blocks.<l>`` path, depthwise convs "fixed", every
-    other layer "fp".
+    index of the gated block they belong to (``block``), depthwise convs
+    "fixed", every other layer "fp".
   name: a layer's row name from its path.
+  block: a layer's gated-block index from its path, -1 outside any; by
+    default ``l`` of ``blocks.<l>`` (the Transformer LM's sublayers have their own).
   """
   kinds = {**GATED_KINDS, **{role: "gated" for role in gated}} if gated else PLAIN_KINDS
   fixed = (DEPTHWISE_BITS.a, DEPTHWISE_BITS.g, DEPTHWISE_BITS.w)
   layers = []
   for path, macs, role in capture_records(module, forward, input_shape, input_dtype):
     kind = kinds[role]
-    block = block_index(path) if kind == "gated" else -1
-    if kind == "gated" and block < 0:
-      raise ValueError(f"{path_name(path)} is a {role} layer outside blocks.<l>: no gated "
-                       "block to charge it to")
-    layers.append(cost.LayerMACs(name(path), macs, kind, block=block,
+    index = block(path) if kind == "gated" else -1
+    if kind == "gated" and index < 0:
+      raise ValueError(f"{path_name(path)} is a {role} layer outside every gated block: "
+                       "none to charge it to")
+    layers.append(cost.LayerMACs(name(path), macs, kind, block=index,
                                  fixed=fixed if kind == "fixed" else None))
   return layers

@@ -11,6 +11,17 @@ through its own head, in one of the authors' layouts (``HEADS``):
   size 20.
 - ``"mobilenet"`` (their CIFAR MobileNetV2, fractrain_cifar/models.py:730,
   750-754, 767-773): the CIFAR layout at widths 64 and 32; LSTM hidden size 32.
+- ``"lm"`` (ours, for the Transformer LM, whose gate decides per token): the
+  CIFAR widths, 32 and 16, LSTM hidden size 16. The head runs on every token,
+  not on one pooled vector per image, so it is kept as small as the smallest
+  of the authors' heads (docs/DESIGN.md gives its cost against a sublayer's).
+
+A per-token gate (``per_token=True``, the LM's) reads each position's
+features as they are, without pooling, after a parameter-free
+standardization over the features: a pre-LayerNorm Transformer's residual
+stream grows in scale from sublayer to sublayer, where a CNN head reads
+BatchNorm-scaled features. Its LSTM state is one per token, carried from
+decision to decision, so a token's choices depend on its own features only.
 
 On a pooled 1x1 map a 1x1 conv is a dense layer, so the heads are written as
 ``nnx.Linear`` (same parameters, same init rule for the weights). ``INITS``:
@@ -58,7 +69,10 @@ class HeadLayout:
 
 HEADS = {"cifar": HeadLayout(hidden=32, embed=16, lstm_hidden=16),
          "imagenet": HeadLayout(hidden=None, embed=40, lstm_hidden=20),
-         "mobilenet": HeadLayout(hidden=64, embed=32, lstm_hidden=32)}
+         "mobilenet": HeadLayout(hidden=64, embed=32, lstm_hidden=32),
+         "lm": HeadLayout(hidden=32, embed=16, lstm_hidden=16)}
+# Epsilon of a per-token head's standardization, the LM's LayerNorm epsilon.
+TOKEN_EPSILON = 1e-5
 
 LSTMState = tuple[jax.Array, jax.Array]  # (cell, hidden), as nnx.LSTMCell carries it.
 
@@ -118,17 +132,25 @@ def _conv1x1(in_features: int, out_features: int, init: str, rngs: nnx.Rngs) -> 
 
 
 class GateHead(nnx.Module):
-  """Pooled features -> [1x1 conv to ``hidden`` -> ReLU ->] 1x1 conv to the embedding."""
+  """Pooled features -> [1x1 conv to ``hidden`` -> ReLU ->] 1x1 conv to the embedding.
+
+  per_token: read every position of ``(batch, positions, features)``,
+  standardized over the features, instead of pooling an NHWC map.
+  """
 
   def __init__(self, in_features: int, layout: HeadLayout, *, init: str = "default",
-               rngs: nnx.Rngs):
+               per_token: bool = False, rngs: nnx.Rngs):
+    self.per_token = per_token
     self.hidden = (None if layout.hidden is None
                    else _conv1x1(in_features, layout.hidden, init, rngs))
     self.embed = _conv1x1(in_features if layout.hidden is None else layout.hidden,
                           layout.embed, init, rngs)
 
   def __call__(self, features: jax.Array) -> jax.Array:
-    h = global_avg_pool(features)
+    if self.per_token:
+      h = jax.nn.standardize(features, axis=-1, epsilon=TOKEN_EPSILON)
+    else:
+      h = global_avg_pool(features)
     if self.hidden is not None:
       h = jax.nn.relu(self.hidden(h))
     return self.embed(h)
@@ -139,11 +161,14 @@ class Gate(nnx.Module):
 
   in_features: channels of the features each decision reads, in order.
   head: the layout, a key of ``HEADS``. init: a key of ``INITS``.
+  per_token: one decision per position of ``(batch, positions, features)``
+    (the Transformer LM), with one LSTM state per token; otherwise one per
+    image of an NHWC batch.
   """
 
   def __init__(self, in_features: Sequence[int], num_candidates: int, *,
                sampler: str = "gumbel", head: str = "cifar", init: str = "default",
-               rngs: nnx.Rngs):
+               per_token: bool = False, rngs: nnx.Rngs):
     if sampler not in SAMPLERS:
       raise ValueError(f"gate={sampler!r}; expected one of {SAMPLERS}")
     if head not in HEADS:
@@ -152,7 +177,8 @@ class Gate(nnx.Module):
       raise ValueError(f"gate_init={init!r}; expected one of {INITS}")
     layout = HEADS[head]
     hidden = layout.lstm_hidden
-    self.heads = nnx.List([GateHead(c, layout, init=init, rngs=rngs) for c in in_features])
+    self.heads = nnx.List([GateHead(c, layout, init=init, per_token=per_token, rngs=rngs)
+                           for c in in_features])
     lstm_init = {}
     if init == "authors":
       lstm_init = dict(kernel_init=torch_uniform(hidden), recurrent_kernel_init=torch_uniform(hidden),
@@ -172,8 +198,10 @@ class Gate(nnx.Module):
     if deterministic is not None:
       self.deterministic = deterministic
 
-  def initial_state(self, batch: int) -> LSTMState:
-    zeros = jnp.zeros((batch, self.hidden_size), jnp.float32)
+  def initial_state(self, batch: int | tuple[int, ...]) -> LSTMState:
+    """Zero state for ``batch`` decisions: a batch size, or ``(batch, positions)`` per token."""
+    shape = (batch,) if isinstance(batch, int) else tuple(batch)
+    zeros = jnp.zeros(shape + (self.hidden_size,), jnp.float32)
     return zeros, zeros
 
   def logits(self, index: int, features: jax.Array, state: LSTMState
@@ -183,8 +211,10 @@ class Gate(nnx.Module):
 
   def __call__(self, index: int, features: jax.Array, state: LSTMState, *,
                key: jax.Array | None = None, tau=1.0) -> tuple[jax.Array, LSTMState]:
-    """Decision ``index`` from ``features`` (NHWC): a (batch, K) one-hot mask and the new state.
+    """Decision ``index`` from ``features``: a one-hot mask and the new state.
 
+    features: NHWC (mask ``(batch, K)``), or ``(batch, positions, features)``
+    for a per-token gate (mask ``(batch, positions, K)``).
     key: Gumbel noise (training with the "gumbel" sampler only). tau: the
     softmax temperature; may be traced, so annealing it does not recompile.
     """

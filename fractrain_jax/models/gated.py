@@ -50,6 +50,29 @@ DEFAULT_HEADS = {32: "cifar", 224: "imagenet"}
 FORWARDS = ("single", "per_candidate")
 
 
+def check_candidates(fw_candidates: Sequence[int], bw_candidates: Sequence[int],
+                     weight_bits: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+  """The K (b_a, b_g) candidate pairs and the weight width, validated, as Python ints."""
+  a, g, w = tuple(fw_candidates), tuple(bw_candidates), weight_bits
+  if len(a) != len(g) or not a:
+    raise ValueError(f"fw_candidates={a} and bw_candidates={g} must be non-empty and of "
+                     "equal length (one (b_a, b_g) pair per candidate)")
+  for what, widths in (("fw_candidates", a), ("bw_candidates", g), ("weight_bits", (w,))):
+    for b in widths:
+      if not quant.is_static(b):
+        raise ValueError(f"{what}={widths}: bit widths must be Python ints")
+      quant.check_bits(b, what)
+  return tuple(int(b) for b in a), tuple(int(b) for b in g), int(w)
+
+
+def forced_mask(force, num_candidates: int, shape: tuple[int, ...]) -> jax.Array:
+  """Candidate ``force`` as a one-hot mask of ``shape + (K,)``; refuses a non-index."""
+  if not (quant.is_static(force) and 0 <= force < num_candidates):  # A Python int, not a bool.
+    raise ValueError(f"force={force!r}: expected a candidate index in 0..{num_candidates - 1}")
+  one_hot = jax.nn.one_hot(int(force), num_candidates, dtype=jnp.float32)
+  return jnp.broadcast_to(one_hot, tuple(shape) + (num_candidates,))
+
+
 def authors_gate_head(backbone: Backbone) -> str:
   """The gate head the authors build for this backbone (a ``gate.HEADS`` key)."""
   if isinstance(backbone.blocks[0], InvertedResidual):
@@ -105,21 +128,11 @@ class GatedModel(nnx.Module):
     if forward not in FORWARDS:
       raise ValueError(f"forward={forward!r}; expected one of {FORWARDS}")
     default_a, default_g, default_w = DEFAULT_CANDIDATES[backbone.image_size]
-    a = tuple(default_a if fw_candidates is None else fw_candidates)
-    g = tuple(default_g if bw_candidates is None else bw_candidates)
-    w = default_w if weight_bits is None else weight_bits
-    if len(a) != len(g) or not a:
-      raise ValueError(f"fw_candidates={a} and bw_candidates={g} must be non-empty and of "
-                       "equal length (one (b_a, b_g) pair per candidate)")
-    for what, widths in (("fw_candidates", a), ("bw_candidates", g), ("weight_bits", (w,))):
-      for b in widths:
-        if not quant.is_static(b):
-          raise ValueError(f"{what}={widths}: bit widths must be Python ints")
-        quant.check_bits(b, what)
+    a, g, w = check_candidates(default_a if fw_candidates is None else fw_candidates,
+                               default_g if bw_candidates is None else bw_candidates,
+                               default_w if weight_bits is None else weight_bits)
     self.backbone = backbone
-    self.fw_candidates = tuple(int(b) for b in a)
-    self.bw_candidates = tuple(int(b) for b in g)
-    self.weight_bits = int(w)
+    self.fw_candidates, self.bw_candidates, self.weight_bits = a, g, w
     self.forward_mode = forward
     head = authors_gate_head(backbone) if gate_head is None else gate_head
     self.gate_head = head
@@ -175,11 +188,8 @@ class GatedModel(nnx.Module):
     full_precision: every conv in FP32, depthwise too (SPEC section 5's
       fine-tuning); the gate still runs and its masks are returned, unused.
     """
-    k = self.num_candidates
-    if force is not None:
-      if not (quant.is_static(force) and 0 <= force < k):  # A Python int, not a bool.
-        raise ValueError(f"force={force!r}: expected a candidate index in 0..{k - 1}")
-      force = int(force)
+    batch = x.shape[0]
+    forced = None if force is None else forced_mask(force, self.num_candidates, (batch,))
     noise_key, round_key = (None, None) if key is None else jax.random.split(key)
     backbone = self.backbone
     # Everything outside the branches as the plan has it; the branches are set below.
@@ -187,14 +197,13 @@ class GatedModel(nnx.Module):
             else Plan.blockwise([None] * self.num_blocks))
     stem_key, block_keys, head_key = backbone.part_keys(round_key)
     h = backbone.stem(x, plan.outer, key=stem_key)
-    batch = x.shape[0]
     state = self.gate.initial_state(batch)
     masks = []
     for index, block in enumerate(backbone.blocks):
-      if force is None:
+      if forced is None:
         mask, state = self.gate(index, h, state, key=layer_key(noise_key, index), tau=tau)
       else:
-        mask = jnp.broadcast_to(jax.nn.one_hot(force, k, dtype=jnp.float32), (batch, k))
+        mask = forced
       masks.append(mask)
       bits = plan.block_bits(index)
       if full_precision:

@@ -18,6 +18,12 @@ value (``P V``) products (role ``ATTENTION``, counted at 32 bits), and the
 output layer (the tied embedding, or an untied ``Dense``, role
 ``CLASSIFIER``).
 
+The model runs as ``2 * depth`` sublayers (``sublayer``): each block's
+attention, then its MLP, each with its own residual add, as a CNN's residual
+block has. ``forward(tokens, precisions)`` gives each sublayer its own
+precision; the gated LM (``gated_lm.py``) runs the same pieces with a gate's
+per-token choice between them.
+
 Cost convention: one sample is one window of ``context`` tokens; the cost
 table (``layer_macs``) is captured from one abstract pass over a
 ``(1, context)`` window, so it holds MACs per sequence (divide by
@@ -108,7 +114,11 @@ class CausalSelfAttention(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU)."""
+  """Pre-LayerNorm block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU).
+
+  Its two sublayers (``attention``, ``mlp``) take their own precision; both
+  draw their keys from the block's ``key``.
+  """
 
   def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, *,
                rngs: nnx.Rngs):
@@ -119,10 +129,29 @@ class Block(nnx.Module):
     self.fc2 = _dense(mlp_ratio * width, width, rngs)
     self.dropout = _Dropout(dropout)
 
-  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
-    x = x + self.dropout(self.attn(self.ln1(x), bits, key=layer_key(key, 0)), layer_key(key, 1))
+  def attention(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+    return x + self.dropout(self.attn(self.ln1(x), bits, key=layer_key(key, 0)),
+                            layer_key(key, 1))
+
+  def mlp(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
     h = jax.nn.gelu(self.fc1(self.ln2(x), bits, key=layer_key(key, 2)))
     return x + self.dropout(self.fc2(h, bits, key=layer_key(key, 3)), layer_key(key, 4))
+
+  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+    return self.mlp(self.attention(x, bits, key=key), bits, key=key)
+
+
+# A block's sublayers in order, and the layers (paths under ``blocks.<l>``) of each.
+SUBLAYERS = ("attention", "mlp")
+_SUBLAYER_OF = {"ln1": 0, "attn": 0, "ln2": 1, "fc1": 1, "fc2": 1}
+
+
+def sublayer_index(path) -> int:
+  """The sublayer ``2 l + s`` a layer at ``blocks.<l>.<name>...`` belongs to; -1 outside."""
+  for i in range(len(path) - 2):
+    if path[i] == "blocks" and isinstance(path[i + 1], int) and path[i + 2] in _SUBLAYER_OF:
+      return len(SUBLAYERS) * path[i + 1] + _SUBLAYER_OF[path[i + 2]]
+  return -1
 
 
 class TransformerLM(nnx.Module):
@@ -156,33 +185,66 @@ class TransformerLM(nnx.Module):
   def num_blocks(self) -> int:
     return len(self.blocks)
 
-  def __call__(self, tokens: jax.Array, bits: tuple[int, int] | None = None, *,
-               key: jax.Array | None = None) -> jax.Array:
-    """Next-token logits; ``bits = (b_a, b_g)`` quantizes every QDense (weights at b_a)."""
+  @property
+  def num_sublayers(self) -> int:
+    """Attention and MLP of every block: what a gate chooses a precision for."""
+    return len(SUBLAYERS) * len(self.blocks)
+
+  def embed_tokens(self, tokens: jax.Array, *, key: jax.Array | None) -> jax.Array:
+    """Token embeddings plus positions (then dropout): the residual stream's start."""
     t = tokens.shape[1]
     if t > self.context:
       raise ValueError(f"{t} tokens exceed the model's context of {self.context}")
-    precision = None if bits is None else StaticBits(a=bits[0], g=bits[1], w=bits[0])
     h = self.embed(tokens)
     if self.positions is None:
       h = h + sinusoidal_positions(t, self.width)
     else:
       h = h + self.positions(jnp.arange(t))
-    h = self.dropout(h, layer_key(key, 0))
-    for index, block in enumerate(self.blocks):
-      h = block(h, precision, key=layer_key(key, index + 1))
+    return self.dropout(h, layer_key(key, 0))
+
+  def sublayer(self, index: int, h: jax.Array, bits: Precision, *,
+               key: jax.Array | None) -> jax.Array:
+    """Sublayer ``index`` (block ``index // 2``'s attention, then its MLP) on the stream ``h``.
+
+    key: the model's key; block l's layers round with ``key`` folded with l + 1.
+    """
+    block = self.blocks[index // len(SUBLAYERS)]
+    run = getattr(block, SUBLAYERS[index % len(SUBLAYERS)])
+    return run(h, bits, key=layer_key(key, index // len(SUBLAYERS) + 1))
+
+  def output(self, h: jax.Array) -> jax.Array:
+    """Final LayerNorm and the output layer: next-token logits."""
     h = self.ln_f(h)
     if self.lm_head is not None:
       return self.lm_head(h)
-    record_cost(self, t * self.width * self.vocab_size, CLASSIFIER)
+    record_cost(self, h.shape[1] * self.width * self.vocab_size, CLASSIFIER)
     return self.embed.attend(h)
 
+  def forward(self, tokens: jax.Array, precisions: Sequence[Precision], *,
+              key: jax.Array | None = None) -> jax.Array:
+    """Next-token logits with one precision per sublayer (``num_sublayers`` of them)."""
+    if len(precisions) != self.num_sublayers:
+      raise ValueError(f"{len(precisions)} precisions for {self.num_sublayers} sublayers")
+    h = self.embed_tokens(tokens, key=key)
+    for index, bits in enumerate(precisions):
+      h = self.sublayer(index, h, bits, key=key)
+    return self.output(h)
+
+  def __call__(self, tokens: jax.Array, bits: tuple[int, int] | None = None, *,
+               key: jax.Array | None = None) -> jax.Array:
+    """Next-token logits; ``bits = (b_a, b_g)`` quantizes every QDense (weights at b_a)."""
+    precision = None if bits is None else StaticBits(a=bits[0], g=bits[1], w=bits[0])
+    return self.forward(tokens, [precision] * self.num_sublayers, key=key)
+
   def layer_macs(self, *, gated: Sequence[str] = ()) -> list[cost.LayerMACs]:
-    """Every matmul with its forward MACs per window of ``context`` tokens."""
-    if gated:
-      raise ValueError("the Transformer LM has no gated model (DFQ is for the CNNs)")
+    """Every matmul with its forward MACs per window of ``context`` tokens.
+
+    gated: the roles a per-token gate sets (the gated LM's ``(BRANCH,)``); such
+    layers are charged to their sublayer (``sublayer_index``).
+    """
     return capture_layer_macs(self, lambda model, x: model(x), (1, self.context),
-                              input_dtype=jnp.int32, name=_layer_name)
+                              input_dtype=jnp.int32, name=_layer_name, gated=gated,
+                              block=sublayer_index)
 
 
 def _layer_name(path) -> str:
