@@ -2,8 +2,8 @@ r"""Trains (or evaluates) one FracTrain run.
 
   python main.py --config configs/frac_cifar10.py [--workdir DIR] [--config.KEY=VALUE ...]
 
-The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10 and
-cifar100, frac_imagenet; fp32_, sbm_ and pfq_wikitext103 (Transformer LM).
+The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10,
+cifar100 and wikitext103 (the Transformer LM), and frac_imagenet.
 Common overrides:
   --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50
   --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS),

@@ -176,9 +176,10 @@ def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, 
   or per token (``m = 2``, the Transformer LM). All candidates share the
   range ``[lo, hi]``. Backward: straight-through in ``x``
   (``dx = g * sum_k mask[..., k]``) and ``d mask[n, k] = <g[n], Q_k(x[n])>``
-  over the remaining axes (``n`` a sample or a token), the gate's learning signal. The candidate quantizations are recomputed in the
-  backward pass rather than stored: K activation-sized tensors per conv would
-  otherwise be written and read back.
+  over the remaining axes (``n`` a sample or a token), the gate's learning
+  signal. The candidate quantizations are recomputed in the backward pass
+  rather than stored: K activation-sized tensors per conv would otherwise be
+  written and read back.
 
   one_hot: promise that ``mask`` is exactly one-hot in the forward pass, as the
   gate's straight-through masks are. The forward value is then one per-sample

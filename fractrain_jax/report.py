@@ -16,8 +16,8 @@ with no metrics yet is skipped with a warning.
 
 Two costs per run, labelled apart (SPEC section 2): the whole-model cost (real
 per-layer MACs, the gated models' full-precision layers at 32 bits) and the
-paper's convention (mean steering cp times the FP32 cost), which is what the
-paper's tables compare. Each is shown against 8-bit SBM in the same convention.
+paper's convention (mean steering cp, for plain runs the cp of their quantized
+layers, times the FP32 cost), which is what the paper's tables compare. Each is shown against 8-bit SBM in the same convention.
 A third, the quantized-layer cost (the layers the method quantizes, alone,
 against the same layers at 8/8 bits), shows what a method saves where a
 full-precision layer dominates the whole model (the LM's output layer).
@@ -323,8 +323,8 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Whole-model cost: real per-layer MACs of every layer, full-precision ones at 32 bits. "
-               "Paper convention: mean steering cp (gated runs; whole-model cp otherwise) times the "
-               "FP32 cost, as the paper's tables count.")
+               "Paper convention: mean steering cp (gated runs; the quantized layers' cp "
+               "otherwise) times the FP32 cost, as the paper's tables count.")
   if quantized:
     lines.append("Quantized-layer cost: the layers the method quantizes (a gated model's gated "
                  "blocks), alone; 'quantized vs 8-bit' against the same layers at 8/8 bits "

@@ -36,7 +36,8 @@ METRIC_KEYS = {
     "cost_fw": "cumulative forward part of cost",
     "cost_eb": "cumulative error-backprop part of cost",
     "cost_gc": "cumulative weight-gradient part of cost",
-    "cost_paper": "cumulative cost in the paper's convention: steering cp x FP32 cost",
+    "cost_paper": "cumulative cost in the paper's convention: steering cp (plain runs: the "
+                  "quantized layers' cp) x FP32 cost",
     "cost_quantized": "cumulative cost of the layers the method quantizes, alone",
     "choice_ratio": "gated runs: per block, the share of each candidate over the interval",
     "candidates": "gated runs: [fw candidates, bw candidates]",

@@ -96,7 +96,7 @@ class RunState:
   stage: int = 0                        # PFQ stage / FracTrain target index.
   indicator: dict | None = None         # pfq.TurningPointIndicator.state_dict().
   cost: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # FW, EB, GC.
-  cost_paper: float = 0.0               # The paper's convention: steering cp x FP32 cost.
+  cost_paper: float = 0.0               # The paper's convention: cp x FP32 cost.
   cost_quantized: float = 0.0           # The quantized layers' cost alone.
   turning_points: list[int] = dataclasses.field(default_factory=list)
   best_test_acc: float | None = None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU-scale Transformer LM study of docs/RESULTS.md: FP32, SBM 8/8 and PFQ on
-# the same model, data, seed and iteration budget, on the shipped WikiText-2 text
+# The CPU-scale Transformer LM study of docs/RESULTS.md: FP32, SBM 8/8, PFQ, DFQ and
+# FracTrain on the same model, data, seed and iteration budget, on the shipped WikiText-2 text
 # (trained on its validation split, tested on its test split: not the standard
 # protocol), then each final checkpoint evaluated on the whole test split, then
 # the report. About half an hour on a 2-core machine with the defaults.
@@ -10,8 +10,8 @@
 #             `tar xzf ../shared/data/wikitext-2-valid-test.tar.gz -C /tmp` use /tmp/wikitext-2
 #   OUT_ROOT  where the workdirs and the report go (default: runs/cpu_study_lm)
 # Environment: ITERS (400), EVAL_EVERY (20), TEST_SUBSET (16384 tokens for the
-#   evaluations during training), METHODS ("pfq sbm fp32"), PYTHON (python3). Each
-#   entry names configs/<entry>_wikitext103.py.
+#   evaluations during training), METHODS ("fp32 sbm pfq dfq frac"), PYTHON (python3).
+#   Each entry names configs/<entry>_wikitext103.py.
 set -euo pipefail
 
 [[ $# -ge 1 && -f $1/valid.txt && -f $1/test.txt ]] || {
@@ -24,7 +24,7 @@ PY=${PYTHON:-python3}
 ITERS=${ITERS:-400}
 EVAL_EVERY=${EVAL_EVERY:-20}
 TEST_SUBSET=${TEST_SUBSET:-16384}
-METHODS=${METHODS:-pfq sbm fp32}
+METHODS=${METHODS:-fp32 sbm pfq dfq frac}
 # A 2-block, 128-wide model with a 64-token context, AdamW at 1e-3 (cosine, 20
 # warm-up steps); the PFQ indicator's window 3 and scale 5 epochs, so that its
 # turning points fall inside the budget.

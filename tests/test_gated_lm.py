@@ -65,6 +65,24 @@ def test_per_token_widths_equal_rows_quantized_one_by_one():
       np.testing.assert_array_equal(got[b, t], want, err_msg=f"row {(b, t)}")
 
 
+def test_per_token_mask_gradient_is_each_rows_product_with_its_candidate():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 6)))
+  g = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 6)))
+  mask = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (2, 4), 0, 3), 3)
+  lo, hi = x.min(), x.max()
+  out, vjp = jax.vjp(lambda x, m: quant.fake_quant_blend(x, m, A, lo=lo, hi=hi, one_hot=True),
+                     jnp.asarray(x), mask)
+  dx, dmask = vjp(jnp.asarray(g))
+  chosen = np.asarray(A)[np.asarray(mask).argmax(-1)]
+  for b in range(2):
+    for t in range(4):
+      np.testing.assert_array_equal(out[b, t], np_quantize(x[b, t], chosen[b, t], lo, hi))
+      for k, width in enumerate(A):
+        want = np.dot(g[b, t], np_quantize(x[b, t], width, lo, hi))
+        np.testing.assert_allclose(dmask[b, t, k], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(dx, g)  # Straight-through: the mask sums to 1 per token.
+
+
 def test_widths_must_cover_the_leading_axes():
   x = jnp.zeros((2, 5, 7))
   with pytest.raises(ValueError, match="leading axes"):

@@ -24,9 +24,11 @@ from fractrain_jax import steps, train
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                "stage", "fw_bits", "bw_bits", "target_cp", "steer_cp", "model_cp", "cost",
-               "cost_fw", "cost_eb", "cost_gc", "cost_paper", "train_cost_term", "wall_s"}
+               "cost_fw", "cost_eb", "cost_gc", "cost_paper", "cost_quantized", "train_cost_term",
+               "wall_s"}
 SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "total_cost", "turning_points", "wall_s",
-                "cost_fp32", "cost_sbm8", "cost_paper", "mean_model_cp", "mean_steer_cp"}
+                "cost_fp32", "cost_sbm8", "cost_paper", "cost_quantized", "cost_quantized_sbm8",
+                "mean_model_cp", "mean_steer_cp"}
 
 
 def tiny_config(method_name: str, **overrides):
@@ -95,6 +97,9 @@ def test_each_method_trains_end_to_end(method, tmp_path):
         100 * summary["cost_sbm8"] / summary["cost_fp32"], rel=1e-5)
     assert 100 / 16 < lines[-1]["model_cp"] < 100 / 15
     assert summary["mean_steer_cp"] is None and lines[-1]["steer_cp"] is None
+    # The paper's convention charges SBM 8/8 at 6.25 % of FP32, the classifier included.
+    assert summary["cost_paper"] == pytest.approx(summary["cost_fp32"] / 16, rel=1e-6)
+    assert summary["cost_quantized"] == pytest.approx(summary["cost_quantized_sbm8"], rel=1e-6)
   elif method == "pfq":
     assert (lines[0]["fw_bits"], lines[0]["bw_bits"]) == (3, 6)
     assert summary["total_cost"] < summary["cost_sbm8"]
