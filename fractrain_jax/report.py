@@ -373,33 +373,47 @@ def _save(fig: Any, path: Path) -> Path:
   return path
 
 
-def _log_axis(axis: Any) -> None:
-  """Log-scale ticks that do not run together: labels at powers of ten only, as 1e13."""
+def _log_axis(axis: Any, plain: bool = False) -> None:
+  """Log-scale ticks that do not run together: labels at powers of ten only, as 1e13.
+
+  plain: labels as plain numbers at 1, 2 and 5 times the powers of ten (for
+  perplexities, whose range is a decade or two).
+  """
   from matplotlib.ticker import LogLocator, NullFormatter
 
-  axis.set_major_locator(LogLocator(base=10, numticks=8))
-  axis.set_major_formatter(lambda x, _: sci(x).replace(".00e", "e") if x > 0 else "")
+  axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if plain else (1.0,),
+                                    numticks=12))
+  axis.set_major_formatter(lambda x, _: "" if x <= 0 else f"{x:g}" if plain
+                           else sci(x).replace(".00e", "e"))
   axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=12))
   axis.set_minor_formatter(NullFormatter())
 
 
+COST_AXES = {"cost": "cumulative whole-model training cost (bit-scaled MACs)",
+             "cost_quantized": "cumulative cost of the quantized layers (bit-scaled MACs)"}
+
+
 def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path,
-                     key: str = "test_acc") -> Path:
-  """Test accuracy (or ``key="test_ppl"``: perplexity, log scale) against cumulative cost."""
+                     key: str = "test_acc", cost_key: str = "cost") -> Path:
+  """Test accuracy (or ``key="test_ppl"``: perplexity, log scale) against cumulative cost.
+
+  cost_key: "cost" (whole model) or "cost_quantized" (the quantized layers alone).
+  """
   from matplotlib.figure import Figure
 
   fig = Figure(figsize=(6.4, 4.4), layout="constrained")
   ax = fig.add_subplot()
   for run, name in zip(runs, names):
-    pts = [(r["cost"], r[key]) for r in run.metrics
-           if r.get("cost") and r["cost"] > 0 and r.get(key) is not None]
+    pts = [(r[cost_key], r[key]) for r in run.metrics
+           if r.get(cost_key) and r[cost_key] > 0 and r.get(key) is not None]
     if pts:
       ax.plot(*zip(*pts), marker=".", label=name if run.finished else f"{name} (unfinished)")
+  ax.set_xscale("log")  # Before the ticks: setting the scale resets them.
   _log_axis(ax.xaxis)
-  ax.set_xscale("log")
-  ax.set_xlabel("cumulative whole-model training cost (bit-scaled MACs)")
+  ax.set_xlabel(COST_AXES[cost_key])
   if key == "test_ppl":
     ax.set_yscale("log")
+    _log_axis(ax.yaxis, plain=True)
     ax.set_ylabel("test perplexity")
   else:
     ax.set_ylabel("test accuracy (%)")
@@ -443,13 +457,17 @@ def precision_figure(run: Run, name: str) -> Any:
              ha="center", va="center", transform=top.transAxes)
   if has(steer):
     bottom.plot(steps, steer, drawstyle="steps-pre", color="tab:green", label="steering cp per interval")
-    bottom.plot(steps, model_cp, drawstyle="steps-pre", color="tab:gray", linewidth=0.8,
-                label="whole-model cp per interval")
+    # Its own axis: on the LM, the full-precision output layer puts it near 80 %.
+    right = bottom.twinx()
+    right.plot(steps, model_cp, drawstyle="steps-pre", color="tab:gray", linewidth=0.8,
+               label="whole-model cp per interval (right axis)")
+    right.set_ylabel("whole-model cp (%)", color="tab:gray")
+    right.legend(fontsize="small", loc="upper right")
   else:
     bottom.plot(steps, model_cp, drawstyle="steps-pre", color="tab:green", label="whole-model cp per interval")
   if has(target):
     bottom.plot(steps, target, drawstyle="steps-pre", color="tab:red", linestyle=":", label="target cp")
-  bottom.set_ylabel("cp (% of FP32 cost)")
+  bottom.set_ylabel("steering cp (%)" if has(steer) else "cp (% of FP32 cost)")
   bottom.set_xlabel("step")
   for ax in (top, bottom):
     _mark_run_phases(ax, run)
@@ -541,6 +559,9 @@ def plot_all(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
   names = labels(runs)
   if runs and all(r.is_lm for r in runs):
     paths = [plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_cost.png", key="test_ppl")]
+    if any(r.cost_quantized is not None for r in runs):
+      paths.append(plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_quantized_cost.png",
+                                    key="test_ppl", cost_key="cost_quantized"))
   else:
     paths = [plot_acc_vs_cost(runs, names, out_dir / "acc_vs_cost.png")]
   for run, name in zip(runs, names):
