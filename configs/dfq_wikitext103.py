@@ -9,21 +9,9 @@ against FP32, each weighted 1, averaged over tokens) can reach
 8/8 is 6.25).
 
 Run: ``python main.py --config configs/dfq_wikitext103.py
---config.data.dataset=text:data/wikitext-103 --workdir /tmp/dfq_wt103``.
-
-CPU scale, on the shipped WikiText-2 text (trains on its validation split
-and tests on its test split, which is not the standard protocol; extract it
-first with ``tar xzf ../shared/data/wikitext-2-valid-test.tar.gz -C data``):
-
-  python main.py --config configs/dfq_wikitext103.py \\
-      --config.data.dataset=text:data/wikitext-2 --config.data.text_train=valid \\
-      --config.data.text_test=test --config.data.test_subset=16384 \\
-      --config.model.lm.depth=2 --config.model.lm.width=128 --config.model.lm.heads=4 \\
-      --config.model.lm.context=64 --config.model.lm.dropout=0.0 \\
-      --config.train.batch_size=32 --config.train.iters=400 --config.train.eval_every=20 \\
-      --config.train.eval_batch_size=32 --config.optim.lr=1e-3 \\
-      --config.optim.warmup_iters=20 --config.optim.warmup_lr=1e-4 \\
-      --config.pfq.window=3 --config.pfq.scale_epochs=5 --workdir /tmp/lm/dfq
+--config.data.dataset=text:data/wikitext-103 --workdir /tmp/dfq_wt103``;
+at CPU scale on WikiText-2, the flags of ``fp32_wikitext103.py``'s docstring
+with ``--workdir /tmp/lm/dfq``.
 """
 
 import ml_collections

@@ -9,7 +9,7 @@ recipe's.
 
 Run: ``python main.py --config configs/frac_wikitext103.py
 --config.data.dataset=text:data/wikitext-103 --workdir /tmp/frac_wt103``;
-at CPU scale on WikiText-2, the flags of ``dfq_wikitext103.py``'s docstring
+at CPU scale on WikiText-2, the flags of ``fp32_wikitext103.py``'s docstring
 (they include the indicator's window 3 and scale_epochs 5, so that turning
 points fall inside 400 iterations) with ``--workdir /tmp/lm/frac``.
 """

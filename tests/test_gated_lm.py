@@ -21,6 +21,7 @@ from configs import dfq_wikitext103, frac_wikitext103
 from fractrain_jax import config_check, cost, dfq, models, quant, train
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.layers import GatedBits, QDense, StaticBits
+from test_lm import dense_vjp, lm_config, np_quantize, write_corpus
 
 V, D, T = 11, 16, 8  # Vocabulary, width, context of the tiny models.
 A, G, W = (4, 6, 8), (6, 8, 8), 8  # The LM recipes' candidates.
@@ -40,15 +41,6 @@ def gated_and_plain(**gate_options):
 
 def tokens(batch: int = 3, seed: int = 0) -> jax.Array:
   return jax.random.randint(jax.random.key(seed), (batch, T), 0, V)
-
-
-def np_quantize(x, bits, lo, hi, u=0.0):
-  """SPEC section 1 in float32 NumPy (scaling by 1/step, as quant.py does)."""
-  x, lo, hi = (np.asarray(v, np.float32) for v in (x, lo, hi))
-  levels = np.float32(2.0**bits - 1)
-  s = np.maximum((hi - lo) / levels, np.float32(1e-8))
-  v = (x - lo) * (np.float32(1) / s) + np.float32(u)
-  return (np.clip(np.round(v), 0, levels) * s + lo).astype(np.float32)
 
 
 # ------------------------------------------------------------ per-token widths
@@ -91,17 +83,6 @@ def test_widths_must_cover_the_leading_axes():
     quant.fake_quant_blend(x, jnp.zeros((2, 4, 3)), (4, 6, 8), lo=0.0, hi=1.0)
 
 
-def qdense_vjp(layer, x, bits, cot, key):
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def apply(x, params):
-    return nnx.merge(graphdef, params, rest, copy=True)(x, bits, key=key)
-
-  y, vjp = jax.vjp(apply, x, params)
-  dx, dparams = vjp(cot)
-  return y, dx, dparams["kernel"][...]
-
-
 def test_matmul_with_a_width_per_token_matches_numpy_row_by_row():
   """A QDense whose rows carry different (fw, bw): forward and gradients against NumPy."""
   b, t, k = 2, 6, 3
@@ -111,7 +92,8 @@ def test_matmul_with_a_width_per_token_matches_numpy_row_by_row():
   choice = np.asarray(jax.random.randint(jax.random.key(3), (b, t), 0, k))
   mask = jax.nn.one_hot(choice, k)
   key = jax.random.key(4)
-  y, dx, dw = qdense_vjp(layer, jnp.asarray(x), GatedBits(mask, A, G, W), jnp.asarray(cot), key)
+  y, dx, dw, _ = dense_vjp(layer, jnp.asarray(x), GatedBits(mask, A, G, W), jnp.asarray(cot),
+                          key)
   kn = np.asarray(layer.kernel[...])
   wq = np_quantize(kn, W, kn.min(axis=0), kn.max(axis=0))
   u = np.asarray(quant.uniform_noise(key, cot.shape))
@@ -390,7 +372,6 @@ def test_dfq_and_fractrain_differ_with_the_same_seed(wikitext2, tmp_path):
 
 @pytest.mark.parametrize("method", ["dfq", "frac"])
 def test_gated_lm_run_resumes_exactly_and_reports_its_sublayers(method, tmp_path):
-  from test_lm import lm_config, write_corpus  # pylint: disable=import-outside-toplevel
   from fractrain_jax import report  # pylint: disable=import-outside-toplevel
 
   corpus = write_corpus(tmp_path)

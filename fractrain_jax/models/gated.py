@@ -73,6 +73,30 @@ def forced_mask(force, num_candidates: int, shape: tuple[int, ...]) -> jax.Array
   return jnp.broadcast_to(one_hot, tuple(shape) + (num_candidates,))
 
 
+class Candidates:
+  """What every gated model has: K ``(b_a, b_g)`` candidates and one weight width.
+
+  A mixin of ``GatedModel`` and ``GatedTransformerLM``; they set
+  ``fw_candidates``, ``bw_candidates`` and ``weight_bits`` (``check_candidates``).
+  """
+  fw_candidates: tuple[int, ...]
+  bw_candidates: tuple[int, ...]
+  weight_bits: int
+
+  @property
+  def num_candidates(self) -> int:
+    return len(self.fw_candidates)
+
+  def candidate_bits(self) -> tuple[StaticBits, ...]:
+    """Candidate k as a static precision: ``StaticBits(a_k, g_k, weight_bits)``."""
+    return tuple(StaticBits(a=a, g=g, w=self.weight_bits)
+                 for a, g in zip(self.fw_candidates, self.bw_candidates))
+
+  def block_bits(self, mask: jax.Array) -> GatedBits:
+    """A block's precision from its mask (per sample or per token)."""
+    return GatedBits(mask, a=self.fw_candidates, g=self.bw_candidates, w=self.weight_bits)
+
+
 def authors_gate_head(backbone: Backbone) -> str:
   """The gate head the authors build for this backbone (a ``gate.HEADS`` key)."""
   if isinstance(backbone.blocks[0], InvertedResidual):
@@ -105,7 +129,7 @@ def per_candidate_block(block: nnx.Module, h: jax.Array, mask: jax.Array,
   return out
 
 
-class GatedModel(nnx.Module):
+class GatedModel(Candidates, nnx.Module):
   """``model(x, *, key=None, tau=1.0, force=None) -> (logits, masks)``.
 
   Candidates and gate head default by input size: CIFAR (3,4,4,6,6) /
@@ -150,10 +174,6 @@ class GatedModel(nnx.Module):
   def num_blocks(self) -> int:
     return self.backbone.num_blocks
 
-  @property
-  def num_candidates(self) -> int:
-    return len(self.fw_candidates)
-
   def layer_macs(self) -> list[cost.LayerMACs]:
     """The backbone's layers captured from one abstract pass, labelled as this model runs them.
 
@@ -166,14 +186,6 @@ class GatedModel(nnx.Module):
     """
     roles = (BRANCH, SHORTCUT) if self.forward_mode == "per_candidate" else (BRANCH,)
     return self.backbone.layer_macs(gated=roles)
-
-  def candidate_bits(self) -> tuple[StaticBits, ...]:
-    """Candidate k as a static precision: ``StaticBits(a_k, g_k, weight_bits)``."""
-    return tuple(StaticBits(a=a, g=g, w=self.weight_bits)
-                 for a, g in zip(self.fw_candidates, self.bw_candidates))
-
-  def block_bits(self, mask: jax.Array) -> GatedBits:
-    return GatedBits(mask, a=self.fw_candidates, g=self.bw_candidates, w=self.weight_bits)
 
   def __call__(self, x: jax.Array, *, key: jax.Array | None = None, tau=1.0,
                force: int | None = None, full_precision: bool = False

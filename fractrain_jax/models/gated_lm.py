@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fractrain_jax import cost
-from fractrain_jax.layers import BRANCH, GatedBits, StaticBits
+from fractrain_jax.layers import BRANCH
 from fractrain_jax.models.gate import Gate
-from fractrain_jax.models.gated import check_candidates, forced_mask
+from fractrain_jax.models.gated import Candidates, check_candidates, forced_mask
 from fractrain_jax.models.parts import layer_key
 from fractrain_jax.models.transformer_lm import TransformerLM
 
@@ -43,7 +43,7 @@ DEFAULT_CANDIDATES = ((4, 6, 8), (6, 8, 8), 8)
 DEFAULT_HEAD = "lm"
 
 
-class GatedTransformerLM(nnx.Module):
+class GatedTransformerLM(Candidates, nnx.Module):
   """``model(tokens, *, key=None, tau=1.0, force=None, full_precision=False) -> (logits, masks)``.
 
   masks: ``(num_blocks, batch, positions, K)``, one-hot in the forward pass;
@@ -76,21 +76,12 @@ class GatedTransformerLM(nnx.Module):
     return self.lm.num_sublayers
 
   @property
-  def num_candidates(self) -> int:
-    return len(self.fw_candidates)
-
-  @property
   def context(self) -> int:
     return self.lm.context
 
   def layer_macs(self) -> list[cost.LayerMACs]:
     """The LM's matmuls, the quantized ones charged to their sublayer's choice."""
     return self.lm.layer_macs(gated=(BRANCH,))
-
-  def candidate_bits(self) -> tuple[StaticBits, ...]:
-    """Candidate k as a static precision: ``StaticBits(a_k, g_k, weight_bits)``."""
-    return tuple(StaticBits(a=a, g=g, w=self.weight_bits)
-                 for a, g in zip(self.fw_candidates, self.bw_candidates))
 
   def __call__(self, tokens: jax.Array, *, key: jax.Array | None = None, tau=1.0,
                force: int | None = None, full_precision: bool = False
@@ -116,7 +107,6 @@ class GatedTransformerLM(nnx.Module):
       else:
         mask = forced
       masks.append(mask)
-      bits = None if full_precision else GatedBits(
-          mask, a=self.fw_candidates, g=self.bw_candidates, w=self.weight_bits)
+      bits = None if full_precision else self.block_bits(mask)
       h = self.lm.sublayer(index, h, bits, key=round_key)
     return self.lm.output(h), jnp.stack(masks)
