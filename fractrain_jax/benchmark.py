@@ -8,7 +8,7 @@ step: one whole training step (the jitted step that training runs, data
   pfq (its first stage), dfq and frac (gated model), and dfq_per_candidate
   (dfq with the authors' per-candidate block forward, ``dfq.forward``),
   timed after compilation. ``--model transformer_lm`` times the LM
-  (``configs/default.py``'s shape, random token windows, ``--num-classes`` as
+  (``fractrain_jax/defaults.py``'s shape, random token windows, ``--num-classes`` as
   the vocabulary; fp32, static, pfq, and dfq and frac with the LM recipes'
   candidates and DFQ target: its per-token gate; no per-candidate variants).
   The methods take turns (one untimed and one timed step each), so drift in
@@ -30,12 +30,11 @@ from typing import Any, Callable
 
 from fractrain_jax import platform
 
-# Benchmark variants beyond the training methods: name -> (method, config overrides).
+# Benchmark variants beyond the registered methods: name -> (method, config.dfq overrides).
 VARIANTS = {"dfq_per_candidate": ("dfq", {"forward": "per_candidate"}),
             "frac_per_candidate": ("frac", {"forward": "per_candidate"})}
-STEP_METHODS = ("fp32", "static", "pfq", "dfq", "frac") + tuple(VARIANTS)
-DEFAULT_METHODS = ("fp32", "static", "pfq", "dfq", "frac", "dfq_per_candidate")
-LM_METHODS = ("fp32", "static", "pfq", "dfq", "frac")
+# Timed unless --methods names them (they run K forwards a step).
+NOT_BY_DEFAULT = ("frac_per_candidate",)
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:
@@ -58,12 +57,12 @@ def bench_quant(args) -> list[dict]:
   from fractrain_jax.layers import QConv, StaticBits
 
   conv = QConv(16, 16, 3, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(conv, nnx.Param, ...)
+  graphdef, params, batch_stats = nnx.split(conv, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(0), (args.batch_size, 32, 32, 16))
 
   def make(bits):
-    def loss(params, rest, x, key):
-      m = nnx.merge(graphdef, params, rest, copy=True)
+    def loss(params, batch_stats, x, key):
+      m = nnx.merge(graphdef, params, batch_stats, copy=True)
       y = m(x, bits, key=key)
       return jnp.sum(y * y), nnx.state(m, nnx.BatchStat)
 
@@ -74,7 +73,7 @@ def bench_quant(args) -> list[dict]:
                      ("quantized_4_6", StaticBits(4, 6, 4))):
     step = make(bits)
     key = jax.random.key(1)
-    seconds = time_fn(lambda: jax.block_until_ready(step(params, rest, x, key)),
+    seconds = time_fn(lambda: jax.block_until_ready(step(params, batch_stats, x, key)),
                       repeats=args.repeats)
     rows.append({"bench": "quant", "variant": name, "ms": seconds * 1e3})
   base = rows[0]["ms"]
@@ -99,19 +98,11 @@ class StepRunner:
     import jax.numpy as jnp
     import numpy as np
 
-    from configs import default, dfq_wikitext103
-    from fractrain_jax import data, models, steps
+    from fractrain_jax import data, methods, steps
 
-    config = default.get_config()
-    method, dfq_overrides = VARIANTS.get(method, (method, {}))
-    config.method = method
-    if model_name == models.LM:  # The LM recipes' candidates and target, default.py's shape.
-      config.dfq.update({k: dfq_wikitext103.get_config().dfq[k] for k in (
-          "fw_candidates", "bw_candidates", "weight_bits", "target_cp")})
-    config.dfq.update(dfq_overrides)
-    config.model.name = model_name
-    config.train.batch_size = batch_size
-    model = steps.create_model(config, num_classes, seed)
+    config = step_config(method, model_name, batch_size)
+    trained = methods.get(config.method)
+    model = trained.create_model(config, num_classes, seed)
     rng = np.random.default_rng(seed)
     n = max(num_examples, 2 * batch_size)
     if model.task == "lm":  # Token windows and their next tokens.
@@ -125,7 +116,8 @@ class StepRunner:
       labels = rng.integers(0, num_classes, (len(images),), np.int32)
     return cls(trainer=trainer, state=trainer.init_state(seed),
                batch=trainer.put_replicated((images, labels)),
-               precision=steps.precision_for(config, 0), target_cp=jnp.float32(config.dfq.target_cp),
+               precision=trained.step_precision(config, 0),
+               target_cp=jnp.float32(config.dfq.target_cp),
                tau=jnp.float32(config.dfq.tau_start))
 
   def step(self):
@@ -134,15 +126,55 @@ class StepRunner:
     return metrics
 
 
+def step_config(name: str, model_name: str, batch_size: int):
+  """The library's default config for method or variant ``name`` on ``model_name``.
+
+  The LM gets its gated model's default candidates (``gated_lm.DEFAULT_CANDIDATES``,
+  the LM recipes') and a target in the middle of their reachable range.
+  """
+  from fractrain_jax import cost, defaults, models
+  from fractrain_jax.models import gated_lm
+
+  config = defaults.get_config()
+  config.method, dfq_overrides = VARIANTS.get(name, (name, {}))
+  config.model.name = model_name
+  config.train.batch_size = batch_size
+  if model_name == models.LM:
+    a, g, w = gated_lm.DEFAULT_CANDIDATES
+    config.dfq.update(fw_candidates=a, bw_candidates=g, weight_bits=w,
+                      target_cp=sum(cost.steer_cp_range(a, g, w)) / 2)
+  config.dfq.update(dfq_overrides)
+  return config
+
+
+def timed_methods(requested: list[str] | None, model_name: str) -> list[str]:
+  """The methods and variants to time; ValueError naming a bad one and what is accepted."""
+  from fractrain_jax import methods
+  from fractrain_jax.errors import ConfigError
+
+  accepted = list(methods.names()) + list(VARIANTS)
+  if requested is None:  # Every one this model runs, but the slowest variants.
+    requested = [n for n in accepted if n not in NOT_BY_DEFAULT]
+    explicit = False
+  else:
+    explicit = True
+  chosen = []
+  for name in requested:
+    if name not in accepted:
+      raise ValueError(f"--methods: unknown {name!r}; accepted: {', '.join(accepted)}")
+    config = step_config(name, model_name, 1)
+    try:
+      methods.get(config.method).check(config)
+    except ConfigError as err:
+      if explicit:
+        raise ValueError(f"--methods {name} with --model {model_name}: {err}") from None
+      continue
+    chosen.append(name)
+  return chosen
+
+
 def bench_step(args) -> list[dict]:
   import jax
-
-  lm = args.model == "transformer_lm"
-  if args.methods is None:
-    args.methods = list(LM_METHODS if lm else DEFAULT_METHODS)
-  if lm and set(args.methods) - set(LM_METHODS):
-    raise SystemExit(f"--model transformer_lm times {', '.join(LM_METHODS)}; got "
-                     f"{', '.join(sorted(set(args.methods) - set(LM_METHODS)))}")
 
   runners = {method: StepRunner.create(
       method, model_name=args.model, batch_size=args.batch_size,
@@ -171,7 +203,12 @@ def bench_step(args) -> list[dict]:
                  "images_per_s": args.batch_size / seconds,
                  "repeats": args.repeats,
                  "device": str(jax.devices()[0].platform)})
-  fp32 = next((r["step_ms"] for r in rows if r["method"] == "fp32"), None)
+  from fractrain_jax import methods
+
+  # The ratios' base: the plain model's full-precision step.
+  base = [name for name, runner in runners.items()
+          if runner.precision == methods.FP32 and not runner.trainer.gated]
+  fp32 = next((r["step_ms"] for r in rows if base and r["method"] == base[0]), None)
   for r in rows:
     r["ratio_to_fp32"] = r["step_ms"] / fp32 if fp32 else None
   return rows
@@ -190,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
   s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
   s.add_argument("--num-classes", type=int, default=10,
                  help="classifier width, or the LM's vocabulary (default 10)")
-  s.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=None,
-                 help=f"methods to time, in turn (default: {' '.join(DEFAULT_METHODS)}; "
-                      f"for the LM {' '.join(LM_METHODS)}); fp32 is the ratios' base")
+  s.add_argument("--methods", nargs="+", default=None,
+                 help="methods to time, in turn: fp32, static, pfq, dfq, frac (the "
+                      f"registered methods) and the variants {', '.join(VARIANTS)} "
+                      "(default: every one the model runs, but "
+                      f"{', '.join(NOT_BY_DEFAULT)}); fp32 is the ratios' base")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")
@@ -201,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   args = parser.parse_args(argv)
   platform.configure(cpu_flags=not args.no_cpu_flags)
+  if args.bench == "step":
+    try:
+      args.methods = timed_methods(args.methods, args.model)
+    except ValueError as err:
+      parser.error(str(err))
   rows = bench_quant(args) if args.bench == "quant" else bench_step(args)
   for r in rows:
     if args.json:

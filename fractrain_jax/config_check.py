@@ -1,6 +1,6 @@
 """Early refusal of bad configurations, before any data is read or anything compiles.
 
-``validate(config)`` walks the keys of ``configs/default.py`` and raises a
+``validate(config)`` walks the keys of ``defaults.py`` and raises a
 ``ValueError`` naming the key, the bad value and what would be accepted. A
 mistake found here costs a second; found by the trainer it costs a compile,
 or a whole run (a PFQ schedule one stage short fails only at the last turning
@@ -18,21 +18,16 @@ from typing import Any, Sequence
 import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
-from fractrain_jax import cost, models, optim, quant, steps
+from fractrain_jax import cost, data, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError
-from fractrain_jax.data import common as datasets
 from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
 
-METHODS = steps.METHODS
 LR_SCHEDULES = optim.LR_SCHEDULES
 GATES = gate.SAMPLERS
 GATE_HEADS = ("auto",) + tuple(gate.HEADS)
 GATE_INITS = gate.INITS
 FORWARDS = gated.FORWARDS
-DATASETS = datasets.ARRAY_DATASETS + datasets.STREAMED_DATASETS
-FOLDER_PREFIX = datasets.FOLDER_PREFIX
-TEXT_PREFIX = datasets.TEXT_PREFIX
 MAX_BITS = quant.MAX_BITS
 # The trainer adds this prefix itself for 'dfq' and 'frac'.
 GATED_PREFIX = models.GATED_PREFIX
@@ -121,22 +116,18 @@ def _check_model(config) -> None:
   raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}")
 
 
-def _check_lm(config, method: str) -> None:
-  """The Transformer LM's shape, its data (text:PATH) and its gate's forward (single only)."""
+def _check_lm(config) -> None:
+  """The Transformer LM's shape, and that it trains on token windows (and only it does)."""
   lm = _get(config, "model.name") == models.LM
   dataset = _get(config, "data.dataset")
-  text = isinstance(dataset, str) and dataset.startswith(TEXT_PREFIX)
+  text = data.find_source(dataset).task == "lm"
   if lm and not text:
     raise ConfigError(f"config.data.dataset={dataset!r}; {models.LM} trains on a word-level "
-                      f"corpus: expected '{TEXT_PREFIX}PATH'")
+                      f"corpus: expected '{data.TEXT_PREFIX}PATH'")
   if text and not lm:
-    raise ConfigError(f"config.model.name={_get(config, 'model.name')!r}; a {TEXT_PREFIX}PATH "
-                      f"dataset trains the language model: expected {models.LM!r}")
-  forward = _get(config, "dfq.forward")
-  if lm and method in steps.GATED_METHODS and forward != "single":
-    raise ConfigError(
-        f"config.dfq.forward={forward!r}; the gated {models.LM} chooses per token and runs "
-        "'single' only (per_candidate is the authors' CIFAR CNN computation)")
+    raise ConfigError(f"config.model.name={_get(config, 'model.name')!r}; a "
+                      f"{data.TEXT_PREFIX}PATH dataset trains the language model: expected "
+                      f"{models.LM!r}")
   for key in ("depth", "width", "heads", "mlp_ratio", "context"):
     _int_at_least(config, f"model.lm.{key}", 1)
   width, heads = _get(config, "model.lm.width"), _get(config, "model.lm.heads")
@@ -157,21 +148,19 @@ def _check_lm(config, method: str) -> None:
 
 def _check_data(config) -> None:
   dataset = _get(config, "data.dataset")
-  prefix = next((p for p in (FOLDER_PREFIX, TEXT_PREFIX)
-                 if isinstance(dataset, str) and dataset.startswith(p)), None)
-  if not (dataset in DATASETS or (prefix and dataset[len(prefix):])):
-    raise ConfigError(
-        f"config.data.dataset={dataset!r}; expected one of {DATASETS}, "
-        f"'{FOLDER_PREFIX}PATH' or '{TEXT_PREFIX}PATH' with a non-empty PATH")
+  try:
+    source = data.find_source(dataset)
+  except ConfigError as err:
+    raise ConfigError(f"config.data.dataset: {err}") from None
   data_dir = _get(config, "data.data_dir")
   if data_dir is not None and not isinstance(data_dir, str):
     raise ConfigError(f"config.data.data_dir={data_dir!r}; expected a str or None")
   train_subset = _int_at_least(config, "data.train_subset", 0)
   test_subset = _int_at_least(config, "data.test_subset", 0)
-  if dataset == "imagenet2012" and (train_subset or test_subset):
+  if source.streamed and (train_subset or test_subset):
     raise ConfigError(
         f"config.data.train_subset={train_subset}, config.data.test_subset={test_subset}: "
-        "subsets are for in-memory datasets; imagenet2012 streams, expected 0")
+        f"subsets are for in-memory datasets; {dataset} streams, expected 0")
   _int_at_least(config, "data.image_size", 1)
   download = _get(config, "data.download")
   if not isinstance(download, bool):
@@ -212,29 +201,22 @@ def _check_optim(config, iters: int) -> None:
   _real_in(config, "optim.warmup_lr", 0.0)
 
 
-def _check_pfq(config, method: str) -> int:
+def _check_pfq(config) -> None:
   fw = _bits_tuple(config, "pfq.fw_schedule")
   bw = _bits_tuple(config, "pfq.bw_schedule")
-  turning_points = _int_at_least(config, "pfq.num_turning_points", 0)
+  _int_at_least(config, "pfq.num_turning_points", 0)
   if len(fw) != len(bw):
     raise ConfigError(
         f"config.pfq.fw_schedule={fw} and config.pfq.bw_schedule={bw} have "
         f"{len(fw)} and {len(bw)} stages; expected the same number")
-  # Only PFQ reads the schedules; FracTrain uses the indicator alone.
-  if method == "pfq" and len(fw) != turning_points + 1:
-    raise ConfigError(
-        f"config.pfq.fw_schedule={fw} has {len(fw)} stages but "
-        f"config.pfq.num_turning_points={turning_points}; expected "
-        f"num_turning_points + 1 = {turning_points + 1} stages")
   _real_in(config, "pfq.eps", 0.0)
   _real_in(config, "pfq.alpha", 0.0, lo_open=True)
   # The indicator compares earlier losses with the last one: it needs two.
   _int_at_least(config, "pfq.window", 2)
   _int_at_least(config, "pfq.scale_epochs", 1)
-  return turning_points
 
 
-def _check_dfq(config, method: str, turning_points: int) -> None:
+def _check_dfq(config) -> None:
   _bits("dfq.weight_bits", _get(config, "dfq.weight_bits"))
   fw = _bits_tuple(config, "dfq.fw_candidates")
   bw = _bits_tuple(config, "dfq.bw_candidates")
@@ -243,13 +225,8 @@ def _check_dfq(config, method: str, turning_points: int) -> None:
         f"config.dfq.fw_candidates={fw} and config.dfq.bw_candidates={bw} "
         f"have {len(fw)} and {len(bw)} entries; expected one (fw, bw) pair "
         "per candidate")
-  target = _real_in(config, "dfq.target_cp", 0.0, 100.0, lo_open=True)
-  step = _real_in(config, "dfq.target_step", 0.0)
-  if method == "frac" and target + turning_points * step > 100.0:
-    raise ConfigError(
-        f"config.dfq.target_step={step!r} raises config.dfq.target_cp="
-        f"{target!r} to {target + turning_points * step} after "
-        f"{turning_points} turning points; expected a final target <= 100")
+  _real_in(config, "dfq.target_cp", 0.0, 100.0, lo_open=True)
+  _real_in(config, "dfq.target_step", 0.0)
   _real_in(config, "dfq.beta", 0.0)
   _real_in(config, "dfq.relax", 0.0)
   _real_in(config, "dfq.range", 0.0)
@@ -266,25 +243,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on the first bad key: its name, value and what is accepted.
 
   Every key is checked whatever the method, so a recipe file cannot carry a
-  broken setting that surfaces only when someone switches methods; the two
-  exceptions are checks that only one method's semantics define (the PFQ
-  stage count, the FracTrain final target).
+  broken setting that surfaces only when someone switches methods; then the
+  method checks what only its semantics define (``methods.Method.check``: the
+  PFQ stage count, the FracTrain final target, the gated LM's forward).
   """
-  method = _choice(config, "method", METHODS)
+  method = methods.get(_choice(config, "method", methods.names()))
   seed = _get(config, "seed")
   if not _is_int(seed):
     raise ConfigError(f"config.seed={seed!r}; expected an int")
   _check_model(config)
   _check_data(config)
-  _check_lm(config, method)
+  _check_lm(config)
   iters = _check_train(config)
   _check_optim(config, iters)
   _bits("quant.fw_bits", _get(config, "quant.fw_bits"))
   _bits("quant.bw_bits", _get(config, "quant.bw_bits"))
   _real_in(config, "quant.act_momentum", 0.0, 1.0, hi_open=True)
-  turning_points = _check_pfq(config, method)
-  _check_dfq(config, method, turning_points)
+  _check_pfq(config)
+  _check_dfq(config)
   _int_at_least(config, "checkpoint.keep", 1)
+  method.check(config)
 
 
 def check_workdir(path: str | os.PathLike) -> pathlib.Path:

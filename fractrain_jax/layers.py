@@ -67,7 +67,7 @@ class GatedBits:
     return jnp.asarray(self.g, jnp.int32)[self.choice()]
 
 
-Precision = Union[None, StaticBits, GatedBits]
+LayerBits = Union[None, StaticBits, GatedBits]
 
 # Layer roles: what sets a layer's precision (models/parts.py routes precisions by them).
 OUTER = "outer"            # Outside the residual blocks: stem, MobileNetV2's last 1x1 conv.
@@ -194,7 +194,7 @@ class QuantizedLayer(nnx.Module):
     """Forward MACs per sample (axis 0 of ``x``) of ``y = _contract(x, kernel)``."""
     raise NotImplementedError
 
-  def __call__(self, x: jax.Array, bits: Precision = None, *,
+  def __call__(self, x: jax.Array, bits: LayerBits = None, *,
                key: jax.Array | None = None) -> jax.Array:
     kernel = self.kernel[...]
     if bits is not None:
@@ -272,7 +272,7 @@ class QDense(QuantizedLayer):
     # Every position along the axes between batch and features counts.
     return math.prod(x.shape[1:]) * self.out_features
 
-  def __call__(self, x: jax.Array, bits: Precision = None, *,
+  def __call__(self, x: jax.Array, bits: LayerBits = None, *,
                key: jax.Array | None = None) -> jax.Array:
     y = super().__call__(x, bits, key=key)
     return y if self.bias is None else y + self.bias[...]

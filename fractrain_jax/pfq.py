@@ -139,6 +139,16 @@ class TurningPointIndicator:
     }
 
   @classmethod
+  def from_config(cls, pfq_config: Any, state: dict[str, Any] | None = None
+                  ) -> TurningPointIndicator:
+    """A new indicator with ``config.pfq``'s settings, or the one ``state`` saved."""
+    if state is not None:
+      return cls.from_state_dict(state)
+    p = pfq_config
+    return cls(eps=p.eps, alpha=p.alpha, num_turning_points=p.num_turning_points,
+               window=p.window, scale_epochs=p.scale_epochs)
+
+  @classmethod
   def from_state_dict(cls, d: dict[str, Any]) -> TurningPointIndicator:
     """The indicator that ``state_dict()`` described; it decides identically."""
     expected = set(cls(0.0, 1.0, 0).state_dict())

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fractrain_jax.console import hms
 from fractrain_jax.run_files import CONFIG, METRICS, SUMMARY
 
 
@@ -66,7 +67,6 @@ class Run:
   mean_steer_cp: float | None
   turning_points: list[int] = field(default_factory=list)
   wall_s: float | None = None
-  static_bits: tuple[int, int] | None = None
   final_test_ppl: float | None = None  # Language-model runs only.
   best_test_ppl: float | None = None
   cost_quantized: float | None = None  # The quantized layers alone.
@@ -149,18 +149,6 @@ def _weighted_mean(metrics: list[dict[str, Any]], key: str) -> float | None:
   return sum(w * cp for w, cp in pairs) / total if total else None
 
 
-def _static_bits(config: dict[str, Any], metrics: list[dict[str, Any]]) -> tuple[int, int] | None:
-  fw, bw = _cfg(config, "quant.fw_bits"), _cfg(config, "quant.bw_bits")
-  if fw is not None and bw is not None:
-    return int(fw), int(bw)
-  seen = {(r.get("fw_bits"), r.get("bw_bits")) for r in metrics}
-  if len(seen) == 1:
-    fw, bw = seen.pop()
-    if fw is not None and bw is not None:
-      return int(fw), int(bw)
-  return None
-
-
 def load_run(workdir: str | Path) -> Run:
   """Read one workdir; raises FileNotFoundError naming the missing metrics file."""
   workdir = Path(workdir)
@@ -202,7 +190,6 @@ def load_run(workdir: str | Path) -> Run:
       mean_steer_cp=pick("mean_steer_cp", _weighted_mean(metrics, "steer_cp")),
       turning_points=[int(t) for t in pick("turning_points", derive_turning_points(metrics))],
       wall_s=pick("wall_s", last.get("wall_s")),
-      static_bits=_static_bits(config, metrics),
       final_test_ppl=pick("final_test_ppl", ppls[-1] if ppls else None),
       best_test_ppl=pick("best_test_ppl", min(ppls) if ppls else None),
       cost_quantized=pick("cost_quantized", last.get("cost_quantized")),
@@ -218,7 +205,8 @@ def labels(runs: Sequence[Run]) -> list[str]:
 
 
 def is_static8(run: Run) -> bool:
-  return run.method == "static" and run.static_bits == (8, 8)
+  """A run at 8/8 bits from start to end (SBM 8/8), read off its metrics lines."""
+  return all((r.get("fw_bits"), r.get("bw_bits")) == (8, 8) for r in run.metrics)
 
 
 @dataclass(frozen=True)
@@ -269,14 +257,6 @@ def sci(x: float | None) -> str:
 
 def _num(x: float | None, fmt: str) -> str:
   return "n/a" if x is None else format(x, fmt)
-
-
-def hms(seconds: float | None) -> str:
-  """``h:mm:ss``; "n/a" for None."""
-  if seconds is None:
-    return "n/a"
-  s = int(round(seconds))
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _steer_cell(run: Run) -> str:

@@ -24,7 +24,6 @@ tokens, and evaluation reports perplexity). Nothing else differs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -32,71 +31,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fractrain_jax import cost, data, dfq, models, optim, quant
-
-METHODS = ("fp32", "static", "pfq", "dfq", "frac")
-GATED_METHODS = ("dfq", "frac")  # They train the gated_<name> model.
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-  """What one train or eval step runs at: frozen and hashable, a static argument of the step.
-
-  bits: a plain model's (b_a, b_g) (weights at b_a, SPEC section 1); None is
-    full precision (FP32, or a gated model's full-precision fine-tuning).
-  gated: the gate picks each block's precision per sample (DFQ, FracTrain).
-  """
-  bits: tuple[int, int] | None = None
-  gated: bool = False
-
-  def __post_init__(self):
-    if self.gated and self.bits is not None:
-      raise ValueError(f"Precision(bits={self.bits}, gated=True): the gate picks the bits")
-    if self.bits is not None:
-      if not (isinstance(self.bits, tuple) and len(self.bits) == 2):
-        raise ValueError(f"Precision.bits={self.bits!r}; expected None or a pair (b_a, b_g)")
-      for b in self.bits:
-        quant.check_bits(b, "Precision.bits")
-
-  @property
-  def full(self) -> bool:
-    return self.bits is None and not self.gated
-
-  def __str__(self) -> str:
-    if self.gated:
-      return "gated"
-    return "fp32" if self.bits is None else f"{self.bits[0]}/{self.bits[1]} bits"
-
-
-FP32 = Precision()
-GATED = Precision(gated=True)
-
-
-def precision_for(config: ml_collections.ConfigDict, stage: int, phase: str = "train") -> Precision:
-  """The precision of a step: the method's, PFQ's at ``stage``, FP32 in fine-tuning."""
-  method = config.method
-  if phase == "finetune" or method == "fp32":
-    return FP32
-  if method == "static":
-    return Precision((int(config.quant.fw_bits), int(config.quant.bw_bits)))
-  if method == "pfq":
-    return Precision((int(config.pfq.fw_schedule[stage]), int(config.pfq.bw_schedule[stage])))
-  return GATED
-
+from fractrain_jax import cost, data, dfq, methods, optim
+from fractrain_jax.methods import Precision
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: iterations done.
+  """The arrays the train step updates (and a checkpoint holds)."""
+  step: jax.Array         # int32 scalar: iterations done.
   params: nnx.State
-  rest: nnx.State        # BatchNorm statistics, activation ranges.
+  batch_stats: nnx.State  # Every other model variable: BatchNorm statistics, input ranges.
   opt_state: Any
-  key: jax.Array         # Raw uint32 key data of the run's root key (checkpointable).
+  key: jax.Array          # Raw uint32 key data of the run's root key (checkpointable).
 
 
 def data_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
@@ -107,47 +57,6 @@ def data_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   # Auto axes: XLA propagates the batch sharding; the step needs no sharding-in-types.
   return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:n])
-
-
-def is_gated(method: str) -> bool:
-  return method in GATED_METHODS
-
-
-def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The registry options of the plain model: the LM's shape, none for a CNN."""
-  if config.model.name != models.LM:
-    return {}
-  return {k: config.model.lm[k] for k in models.LM_OPTIONS}
-
-
-def gate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The registry options of the gated model (``models.GATED_OPTIONS``) from ``config.dfq``."""
-  d = config.dfq
-  return dict(fw_candidates=tuple(d.fw_candidates), bw_candidates=tuple(d.bw_candidates),
-              weight_bits=d.weight_bits, gate=d.gate, forward=d.forward,
-              gate_head=None if d.gate_head == "auto" else d.gate_head, gate_init=d.gate_init)
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int):
-  """The plain model, or its gated variant for DFQ and FracTrain.
-
-  num_classes: the classifier's width; the vocabulary size for the LM.
-  """
-  name = config.model.name
-  rngs = nnx.Rngs(seed)
-  if not is_gated(config.method):
-    return models.create(name, num_classes=num_classes, rngs=rngs,
-                         act_momentum=config.quant.act_momentum, **model_options(config))
-  return models.create(models.GATED_PREFIX + name, num_classes=num_classes, rngs=rngs,
-                       act_momentum=config.quant.act_momentum, **model_options(config),
-                       **gate_options(config))
-
-
-def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> list[cost.LayerMACs]:
-  """The plain backbone's layers (the FP32 and SBM 8/8 references of any run)."""
-  abstract = nnx.eval_shape(lambda: models.create(
-      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **model_options(config)))
-  return abstract.layer_macs()
 
 
 class Trainer:
@@ -163,8 +72,8 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, model: nnx.Module, *,
                mean, std, data_on_device: bool = True, mesh: jax.sharding.Mesh | None = None):
     self.config = config
-    self.method = config.method
-    self.gated = is_gated(self.method)
+    self.method = methods.get(config.method)
+    self.gated = self.method.gated
     self.task = model.task
     self.data_on_device = data_on_device
     self.mean = None if mean is None else tuple(mean)
@@ -173,13 +82,13 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     model.train()
-    self.train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    self.train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     # The same arrays seen through evaluation attributes: running ranges and
     # BN statistics, the gate's plain argmax.
     evaluated = nnx.view(model, use_running_average=True, deterministic=True,
                          raise_if_not_found=False)
     self.eval_graphdef = nnx.split(evaluated, nnx.Param, ...)[0]
-    self._init = (params, rest)
+    self._init = (params, batch_stats)
     self.layers = model.layer_macs()
     # The layers the method quantizes: their cost is what it can save at all.
     self.quantized = cost.quantized_layers(self.layers)
@@ -196,8 +105,8 @@ class Trainer:
   # ---- state ----
 
   def init_state(self, seed: int) -> TrainState:
-    params, rest = self._init
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+    params, batch_stats = self._init
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=self.tx.init(params),
                        key=jax.random.key_data(jax.random.key(seed)))
     return jax.device_put(state, self.replicated)
@@ -215,8 +124,9 @@ class Trainer:
 
   # ---- the loss ----
 
-  def _loss(self, params, rest, x, y, key, precision: Precision, target_cp, tau, graphdef):
-    model = nnx.merge(graphdef, params, rest, copy=True)
+  def _loss(self, params, batch_stats, x, y, key, precision: Precision, target_cp, tau,
+            graphdef):
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
     if precision.gated:
       logits, step_cost, cost_term, metrics = self._gated_forward(model, x, key, target_cp, tau)
     else:
@@ -242,7 +152,7 @@ class Trainer:
     quantized = cost.gated_cost(self.quantized, masks, *cands).total.mean()
     steer_cp = cost.steer_cp(masks, self.block_weights, *cands)
     cost_term = dfq.cost_loss(cost.steer_cost_sum(masks, self.block_weights, *cands), steer_cp,
-                              target_cp, beta=d.beta, rule="dfq" if self.method == "dfq" else "frac",
+                              target_cp, beta=d.beta, rule=self.method.cost_rule,
                               relax=d.relax, range_=d.range)
     # Each candidate's share per gated block, over the batch (and its tokens).
     choice = cost.per_sample_shares(masks).mean(axis=1)
@@ -276,20 +186,21 @@ class Trainer:
   def _train_step(self, state, batch, target_cp, tau, *, precision: Precision):
     """One SGD step on ``batch`` at ``precision``; returns the new state and the step's metrics."""
     order_key, aug_key, model_key = self._step_keys(state)
-    images, labels = batch
+    inputs, targets = batch  # Images and labels, or token windows and their next tokens.
     if self.data_on_device:  # The whole set: pick this step's batch and augment it here.
-      idx = data.batch_indices(order_key, state.step, images.shape[0], self.config.train.batch_size)
-      images = images[idx] if self.task == "lm" else data.augment(aug_key, images[idx],
+      idx = data.batch_indices(order_key, state.step, inputs.shape[0], self.config.train.batch_size)
+      inputs = inputs[idx] if self.task == "lm" else data.augment(aug_key, inputs[idx],
                                                                    self.mean, self.std)
-      labels = labels[idx]
-    x = jax.lax.with_sharding_constraint(images, self.batch_sharding)
-    y = jax.lax.with_sharding_constraint(labels, self.batch_sharding)
+      targets = targets[idx]
+    x = jax.lax.with_sharding_constraint(inputs, self.batch_sharding)
+    y = jax.lax.with_sharding_constraint(targets, self.batch_sharding)
     grad_fn = jax.grad(self._loss, has_aux=True)
-    grads, (metrics, rest) = grad_fn(state.params, state.rest, x, y, model_key, precision,
-                                     target_cp, tau, self.train_graphdef)
+    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, y, model_key,
+                                            precision, target_cp, tau, self.train_graphdef)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
     metrics["lr"] = optim.current_lr(opt_state)
     return new_state, metrics
 
@@ -304,20 +215,20 @@ class Trainer:
 
   # ---- eval ----
 
-  def _eval(self, state, images, labels, valid, *, precision: Precision):
-    model = nnx.merge(self.eval_graphdef, state.params, state.rest, copy=True)
+  def _eval(self, state, inputs, targets, valid, *, precision: Precision):
+    model = nnx.merge(self.eval_graphdef, state.params, state.batch_stats, copy=True)
     # On-device images are stored as uint8; the stream's test batches come
     # normalized; token ids go in as they are.
     normalize = self.data_on_device and self.task != "lm"
-    x = data.normalize(images, self.mean, self.std) if normalize else images
+    x = data.normalize(inputs, self.mean, self.std) if normalize else inputs
     x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
     if self.gated:
       logits, _ = model(x, full_precision=precision.full)
     else:
       logits = model(x, precision.bits)
-    # ``valid`` has the shape of ``labels``: per image, or per token of a window.
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels) & valid
+    # ``valid`` has the shape of ``targets``: per image, or per token of a window.
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets) & valid
     return {"loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)), "correct": jnp.sum(correct),
             "count": jnp.sum(valid)}
 
@@ -330,7 +241,7 @@ class Trainer:
     return self._eval_steps[precision]
 
   def evaluate(self, state, batches, precision: Precision) -> dict[str, float]:
-    """Test loss and accuracy (%) over ``(images, labels, valid)`` batches of one shape.
+    """Test loss and accuracy (%) over ``(inputs, targets, valid)`` batches of one shape.
 
     For the LM the mean is over every valid token (accuracy is the share of
     tokens predicted right), and ``test_ppl`` is ``exp`` of that mean loss.

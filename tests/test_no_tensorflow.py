@@ -126,7 +126,7 @@ def stage_folder(tmp, hidden):
 
 def stage_tensorboard(tmp, hidden):
   """TensorBoardWriter's event file reads back (also with TensorBoard's own reader)."""
-  from fractrain_jax.summary import TensorBoardWriter  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
 
   with TensorBoardWriter(tmp / "tb") as writer:
     writer.write(1, {"loss": 2.5, "acc": 10})
@@ -154,13 +154,7 @@ def stage_train(tmp, hidden):
   jax.config.update("jax_disable_most_optimizations", True)  # Tiny model: compile time dominates.
   from configs import default  # pylint: disable=import-outside-toplevel
   from fractrain_jax import train  # pylint: disable=import-outside-toplevel
-  from fractrain_jax.summary import TensorBoardWriter  # pylint: disable=import-outside-toplevel
 
-  if "import tensorflow" in pathlib.Path(train.__file__).read_text():
-    # train.py still writes TensorBoard through tf.summary: use the writer it is
-    # about to switch to. Once it has, this branch no longer runs.
-    train._TensorBoard = TensorBoardWriter  # pylint: disable=protected-access
-    print("note: train.py still imports TensorFlow; its _TensorBoard replaced by TensorBoardWriter")
   root = tmp / "train_images"
   write_image_folder(root, classes=("a", "b", "c"), per_split={"train": 4, "test": 2})
   config = default.get_config()
@@ -234,7 +228,7 @@ def test_folder_and_tensorboard_do_not_import_installed_tensorflow(tmp_path):
 
 
 def test_tensorboard_writer_in_process(tmp_path):
-  from fractrain_jax.summary import TensorBoardWriter  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
 
   writer = TensorBoardWriter(tmp_path / "tb")
   events = read_events(writer.path)

@@ -4,19 +4,23 @@ Tiny models on mock or tiny image-folder data; the subprocess tests run main.py
 as a user would, without a terminal.
 """
 
+import dataclasses
 import glob
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from fractrain_jax import errors, run_files, train
+from fractrain_jax import checkpoints, errors, methods, run_files, steps, train
 from test_train import _image_folder, read_metrics, run_mock, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -62,11 +66,11 @@ def test_resuming_with_another_run_is_refused_before_anything_is_written(tmp_pat
 
 
 def test_gated_forward_and_gate_head_are_part_of_a_run_only_when_not_default():
-  base = train.run_identity(tiny_config("dfq"))
+  base = checkpoints.run_identity(tiny_config("dfq"))
   assert "forward" not in base and "gate_head" not in base  # Older checkpoints still match.
-  assert train.run_identity(tiny_config("dfq", **{"dfq.forward": "per_candidate"})) == {
+  assert checkpoints.run_identity(tiny_config("dfq", **{"dfq.forward": "per_candidate"})) == {
       **base, "forward": "per_candidate"}
-  assert train.run_identity(tiny_config("frac", **{"dfq.gate_head": "imagenet"}))[
+  assert checkpoints.run_identity(tiny_config("frac", **{"dfq.gate_head": "imagenet"}))[
       "gate_head"] == "imagenet"
 
 
@@ -78,14 +82,12 @@ def test_a_diverged_run_keeps_its_newest_sane_checkpoint(tmp_path):
   data["train_loss"] = 3.6e35  # Finite, and absurd for a 10-class cross-entropy.
   meta.write_text(json.dumps(data))
   with tfds.testing.mock_data(num_examples=16):
-    source, trainer, plain_layers = train._setup(config)
-  session = train.Session(config, tmp_path, source, trainer, plain_layers,
-                          train.Checkpoints(tmp_path, 3))
+    setup = train._setup(config, tmp_path, checkpoints.Checkpoints(tmp_path, 3))
   with pytest.raises(errors.NonFiniteError) as info:
-    train._stop_diverged(session, "training loss became nan at step 5")
+    train._stop_diverged(setup, "training loss became nan at step 5")
   message = str(info.value)
   assert "kept the checkpoint of step 2" in message and "moved aside step 4" in message
-  assert session.checkpoints.steps() == [2]
+  assert setup.checkpoints.steps() == [2]
   (aside,) = (tmp_path / "checkpoints_bad").iterdir()
   assert aside.name.startswith("4-diverged-")
 
@@ -189,3 +191,31 @@ def test_tfds_download_dependency_imports():
   # tfds's download_and_prepare imports it; without it download=True failed late.
   import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import
 
+
+
+def test_a_checkpoint_written_with_the_old_field_name_resumes(tmp_path):
+  """TrainState.batch_stats was called ``rest``: such checkpoints restore and train on."""
+  config = tiny_config("pfq", **{"train.iters": 6})
+  whole = run_mock(config, tmp_path / "whole")
+  assert run_mock(config, tmp_path / "old", stop_at=4) == {"stopped_at": 4}
+  model = methods.get("pfq").create_model(config, 10, config.seed)
+  trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
+  ckpt = checkpoints.Checkpoints(tmp_path / "old", 3)
+  state, progress = ckpt.restore(trainer.abstract_state())
+  # Step 4 again, as the older version wrote it: the same arrays, "rest" for batch_stats.
+  legacy = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  legacy["rest"] = legacy.pop("batch_stats")
+  ckpt.manager.close()
+  shutil.rmtree(tmp_path / "old" / "checkpoints" / "4")
+  ckpt = checkpoints.Checkpoints(tmp_path / "old", 3)
+  ckpt.manager.save(4, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(legacy), meta=ocp.args.JsonSave(dataclasses.asdict(progress))),
+                    force=True)
+  ckpt.manager.wait_until_finished()
+  restored, _ = checkpoints.Checkpoints(tmp_path / "old", 3).restore(trainer.abstract_state())
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    assert (a == b).all()
+  assert not (tmp_path / "old" / "checkpoints_bad").exists()
+  resumed = run_mock(config, tmp_path / "old")
+  for key in ("final_test_acc", "total_cost", "turning_points"):
+    assert resumed[key] == whole[key], key

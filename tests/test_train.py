@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from fractrain_jax import steps, train
+from fractrain_jax import checkpoints, methods, steps, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -65,9 +65,9 @@ def read_metrics(workdir):
 
 def final_params(config, workdir):
   """The parameters of the workdir's latest checkpoint, as NumPy."""
-  model = steps.create_model(config, 10, config.seed)
+  model = methods.get(config.method).create_model(config, 10, config.seed)
   trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
-  state, run = train.Checkpoints(pathlib.Path(workdir), 3).restore(trainer.abstract_state())
+  state, run = checkpoints.Checkpoints(pathlib.Path(workdir), 3).restore(trainer.abstract_state())
   return jax.device_get(state.params), run
 
 
@@ -132,7 +132,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
   if how == "stop_at":
     stopped = run_mock(config, split, stop_at=3)
   else:  # Ctrl-C while step 3 runs: the loop finishes it, saves, and stops.
-    add = train.Interval.add
+    add = train.IntervalMetrics.add
     calls = []
 
     def add_then_interrupt(self, metrics):
@@ -141,7 +141,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, how):
       if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train.Interval, "add", add_then_interrupt)
+    monkeypatch.setattr(train.IntervalMetrics, "add", add_then_interrupt)
     stopped = run_mock(config, split)
     monkeypatch.undo()
   assert stopped == ({"stopped_at": 3} if how == "stop_at" else {"stopped_at": 3, "signal": 2})
@@ -289,11 +289,11 @@ def test_step_cost_term_is_the_authors_batch_total(weighting, target, sign):
   config = tiny_config("frac", **{"dfq.cost_weighting": weighting})
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   y = jax.numpy.arange(8) % 10
-  model = steps.create_model(config, 10, 0)
+  model = methods.get(config.method).create_model(config, 10, 0)
   trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
   params, rest = trainer._init
   key = jax.random.key(1)
-  loss, (metrics, _) = trainer._loss(params, rest, x, y, key, steps.GATED,
+  loss, (metrics, _) = trainer._loss(params, rest, x, y, key, methods.GATED,
                                      jax.numpy.float32(target), 1.0, trainer.train_graphdef)
   # The same forward pass again, for the gate's per-sample choices.
   _, masks = nnx.merge(trainer.train_graphdef, params, rest, copy=True)(x, key=key, tau=1.0)

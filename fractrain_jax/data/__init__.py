@@ -1,18 +1,20 @@
-"""Input pipeline: CIFAR-sized data held as arrays, ImageNet streamed by tf.data.
+"""Input pipeline: a registry of data sources, arrays held on the device, streams.
 
-Two shapes of data, chosen by the dataset name (see :func:`is_streamed`):
-``text:PATH`` (a word-level corpus for the Transformer LM) is read into
-token windows (:func:`load_text`) that stay on the device like CIFAR;
-``cifar10``, ``cifar100`` and ``folder:PATH`` are loaded into memory
-(:func:`load_arrays`) and batched and augmented on the device inside the
-jitted step (:func:`batch_indices`, :func:`augment`); ``imagenet2012`` streams
-through tf.data (:class:`StreamData`) and reaches the device through
+``sources`` is where a dataset name is understood: one kind of source per
+form of name (``cifar10``/``cifar100`` and ``imagenet2012`` from
+tensorflow-datasets, ``folder:PATH``, ``text:PATH``), each owning its name
+check, its loader and its normalization statistics (:func:`load`,
+:func:`find_source`). CIFAR-sized data and the LM's token windows are held
+on the device and batched (and augmented) inside the jitted step
+(:func:`batch_indices`, :func:`augment`); ``imagenet2012`` streams through
+tf.data (:class:`StreamData`) and reaches the device through
 :func:`prefetch_to_device`.
 
 Modules:
 
-* ``common``: dataset names, normalization statistics, TensorFlow and
-  tensorflow-datasets imported on first use, the prepared-dataset check.
+* ``sources``: the registry of source kinds (:func:`register_source`).
+* ``common``: name prefixes, published normalization statistics, TensorFlow
+  and tensorflow-datasets imported on first use, the prepared-dataset check.
 * ``arrays``: in-memory datasets (:class:`ArrayData`, :func:`load_arrays`,
   subsets).
 * ``folder``: an image folder (``folder:PATH``) read into arrays.
@@ -31,35 +33,40 @@ from fractrain_jax.data.arrays import ArrayData, load_arrays, subset_indices
 from fractrain_jax.data.augment import (
     augment, batch_indices, crop_flip, normalize, sample_crop_flip)
 from fractrain_jax.data.common import (
-    ARRAY_DATASETS, CIFAR_MEAN, CIFAR_STD, DATASETS, FOLDER_PREFIX, IMAGENET_MEAN,
-    IMAGENET_STD, STREAMED_DATASETS, TEXT_PREFIX, Float3, is_streamed, is_text)
+    CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMAGENET_MEAN, IMAGENET_STD, TEXT_PREFIX, Float3)
 from fractrain_jax.data.prefetch import prefetch_to_device
+from fractrain_jax.data.sources import (
+    Source, accepted, find as find_source, is_streamed, is_text, load,
+    register as register_source, unregister as unregister_source)
 from fractrain_jax.data.stream import StreamData
 from fractrain_jax.data.text import TextData, load_text
 
 __all__ = [
-    "ARRAY_DATASETS",
     "ArrayData",
     "CIFAR_MEAN",
     "CIFAR_STD",
-    "DATASETS",
     "FOLDER_PREFIX",
     "Float3",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "STREAMED_DATASETS",
+    "Source",
     "StreamData",
     "TEXT_PREFIX",
     "TextData",
+    "accepted",
     "augment",
     "batch_indices",
     "crop_flip",
+    "find_source",
     "is_streamed",
     "is_text",
+    "load",
     "load_arrays",
     "load_text",
     "normalize",
     "prefetch_to_device",
+    "register_source",
     "sample_crop_flip",
     "subset_indices",
+    "unregister_source",
 ]

@@ -17,9 +17,9 @@ import numpy as np
 
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.data.common import (
-    CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, Float3, _check_name, _prepared_builder, _tfds,
-    is_streamed)
+    CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, Float3, _prepared_builder, _tfds)
 from fractrain_jax.data.folder import _load_folder
+from fractrain_jax.data.sources import is_streamed
 
 # Batches read from tfds when loading a whole split into memory.
 _READ_BATCH = 4096
@@ -52,6 +52,12 @@ class ArrayData:
   @property
   def num_train(self) -> int:
     return int(self.train_labels.shape[0])
+
+  def describe(self) -> str:
+    """One line for the run's log."""
+    _, h, w, _ = self.train_images.shape
+    return (f"{self.num_train} training and {self.num_test} test images of {h}x{w}, "
+            f"{self.num_classes} classes")
 
   @property
   def num_test(self) -> int:
@@ -155,7 +161,6 @@ def load_arrays(dataset: str, *, data_dir: str | None = None, download: bool = F
   Returns:
     The dataset, normalized with the CIFAR statistics (SPEC section 6).
   """
-  _check_name(dataset)
   if is_streamed(dataset):
     raise ValueError(f"{dataset} is streamed, not held in memory: use StreamData")
   _check_subset(train_subset, "train_subset")

@@ -1,8 +1,7 @@
-"""What the data modules share: dataset names, statistics, TensorFlow on demand.
+"""What the data modules share: name prefixes, statistics, TensorFlow on demand.
 
-* The dataset names (:data:`DATASETS`) and which of them stream
-  (:func:`is_streamed`); every loader checks its name with :func:`_check_name`.
-* The per-channel normalization statistics (SPEC section 6).
+* The ``folder:`` and ``text:`` prefixes (``sources.py`` owns the names).
+* The published per-channel normalization statistics (SPEC section 6).
 * TensorFlow and tensorflow-datasets, imported on first use by the functions
   that read TFDS datasets and the ImageNet stream (:func:`_tf`, :func:`_tfds`),
   never at import time, and kept off the GPUs so that TensorFlow never takes
@@ -27,48 +26,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FOLDER_PREFIX = "folder:"
 TEXT_PREFIX = "text:"  # A word-level corpus (data/text.py): the Transformer LM's data.
-ARRAY_DATASETS = ("cifar10", "cifar100")
-STREAMED_DATASETS = ("imagenet2012",)
-DATASETS = ARRAY_DATASETS + STREAMED_DATASETS + (FOLDER_PREFIX + "PATH", TEXT_PREFIX + "PATH")
 
 Float3 = tuple[float, float, float]
-
-
-# ---------------------------------------------------------------------------
-# Dataset names.
-# ---------------------------------------------------------------------------
-
-
-# The layout each ``PREFIX:PATH`` dataset expects under PATH.
-_PATH_LAYOUTS = {
-    FOLDER_PREFIX: "PATH/train/<class>/ and PATH/test/<class>/",
-    TEXT_PREFIX: "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt",
-}
-
-
-def _check_name(dataset: str) -> None:
-  """Refuses a dataset name that is not one of DATASETS."""
-  if not isinstance(dataset, str):
-    raise ValueError(f"dataset={dataset!r} is not a string; accepted: {DATASETS}")
-  for prefix, layout in _PATH_LAYOUTS.items():
-    if dataset.startswith(prefix):
-      if not dataset[len(prefix):]:
-        raise ValueError(f"dataset={dataset!r} names no folder: use {prefix}PATH with {layout}")
-      return
-  if dataset not in ARRAY_DATASETS + STREAMED_DATASETS:
-    raise ValueError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
-
-
-def is_text(dataset: str) -> bool:
-  """True for a word-level corpus (``text:PATH``), read by ``data/text.py``."""
-  _check_name(dataset)
-  return dataset.startswith(TEXT_PREFIX)
-
-
-def is_streamed(dataset: str) -> bool:
-  """True for datasets read batch by batch (imagenet2012), False for in-memory ones."""
-  _check_name(dataset)
-  return dataset in STREAMED_DATASETS
 
 
 # ---------------------------------------------------------------------------

@@ -14,14 +14,11 @@ another size raises :class:`~fractrain_jax.errors.DataFormatError` (a
 ValueError); each names the folder or file and says what to do, and main.py
 prints it as one line.
 
-PNG files decode to the same pixels as through tfds' ``ImageFolder`` (which
-this module used before). JPEG files decode with libjpeg's accurate integer
-DCT, which is TensorFlow's ``decode_jpeg(dct_method="INTEGER_ACCURATE")``;
-``ImageFolder`` used TensorFlow's default fast DCT, a few levels away (on the
-60,000 CIFAR-10 JPEGs: 1.0 of 255 on average, at most 5; 35% of the values
-equal). ``ImageFolder`` also shuffled each split
-(``random.Random(split)``); here the order is sorted. Subsets and batches of a
-folder run therefore differ from those of a run made through ``ImageFolder``.
+PNG files decode to the same pixels as TensorFlow decodes them. JPEG files
+decode with libjpeg's accurate integer DCT, which is TensorFlow's
+``decode_jpeg(dct_method="INTEGER_ACCURATE")``; TensorFlow's default fast DCT
+(what tfds' ``ImageFolder`` uses) is a few levels away (on the 60,000
+CIFAR-10 JPEGs: 1.0 of 255 on average, at most 5; 35% of the values equal).
 
 Decoding is done once per folder: the decoded arrays of a split are kept in
 ``<cache>/<split>-<sha256>.npz``, the hash taken over the split's sorted

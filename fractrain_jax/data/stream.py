@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from fractrain_jax.data.common import (
-    IMAGENET_MEAN, IMAGENET_STD, Float3, _check_name, _prepared_builder, _tf, _tfds,
-    is_streamed)
+    IMAGENET_MEAN, IMAGENET_STD, Float3, _prepared_builder, _tf, _tfds)
+from fractrain_jax.data.sources import is_streamed
 
 # ImageNet evaluation: resize the shorter side to 256, center-crop 224.
 _EVAL_RESIZE_RATIO = 256 / 224
@@ -50,14 +50,16 @@ class StreamData:
   test_split = "validation"
 
   def __init__(self, dataset: str, *, data_dir: str | None = None, download: bool = False,
-               image_size: int = 224, shuffle_buffer: int = 10_000):
+               image_size: int = 224, shuffle_buffer: int = 10_000,
+               mean: Float3 = IMAGENET_MEAN, std: Float3 = IMAGENET_STD):
     """Opens `dataset` (prepared in `data_dir`, or downloaded if `download`).
 
     `image_size` is the side of the train crops and of the eval center crop
     (224 in the paper; tests use small values on tiny mock images).
     `shuffle_buffer` is the tf.data shuffle buffer, in examples.
+    `mean`, `std`: the per-channel normalization of every batch.
     """
-    _check_name(dataset)
+    self.name = dataset
     if not is_streamed(dataset):
       raise ValueError(f"{dataset} is held in memory, not streamed: use load_arrays")
     if image_size < 1 or shuffle_buffer < 1:
@@ -69,8 +71,12 @@ class StreamData:
     self.num_test = _split_size(self.builder, self.test_split)
     self.image_size = image_size
     self.shuffle_buffer = shuffle_buffer
-    self.mean: Float3 = IMAGENET_MEAN
-    self.std: Float3 = IMAGENET_STD
+    self.mean: Float3 = tuple(mean)
+    self.std: Float3 = tuple(std)
+
+  def describe(self) -> str:
+    """One line for the run's log."""
+    return f"{self.name} streamed through tf.data, {self.num_classes} classes"
 
   def steps_per_epoch(self, batch_size: int) -> int:
     """Training steps per epoch (the last partial batch is dropped)."""

@@ -65,6 +65,12 @@ class TextData:
     """Test predictions (every token but the first has one)."""
     return len(self.test_tokens) - 1
 
+  def describe(self) -> str:
+    """One line for the run's log."""
+    return (f"{len(self.train_tokens)} training tokens ({self.num_train} windows of "
+            f"{self.context}), {len(self.test_tokens)} test tokens, vocabulary "
+            f"{self.num_classes}")
+
   def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-token targets of every training window, int32 ``(num_train, context)``."""
     n, t = self.num_train, self.context

@@ -19,12 +19,11 @@ import jax
 from flax import nnx
 
 from fractrain_jax import cost
-from fractrain_jax.layers import Precision, StaticBits
+from fractrain_jax.layers import LayerBits, StaticBits
 from fractrain_jax.models.capture import Path, capture_layer_macs, path_name
 from fractrain_jax.models.parts import DEPTHWISE_BITS, BlockBits, Head, Stem, layer_key
 
-# The cost tables' names for the layers outside the blocks (kept from before they were
-# captured, so tables and tests read as they always have).
+# Short cost-table names for the layers outside the blocks.
 SHORT_NAMES = {"head": "head_conv", "head.classifier": "classifier"}
 
 
@@ -48,10 +47,10 @@ class Plan:
   outer: the stem (and MobileNetV2's last 1x1 conv); blocks: block l's branch
   convs; shortcut: 1x1 projection shortcuts; depthwise: depthwise convs.
   """
-  outer: Precision
-  blocks: tuple[Precision, ...]
-  shortcut: Precision
-  depthwise: Precision
+  outer: LayerBits
+  blocks: tuple[LayerBits, ...]
+  shortcut: LayerBits
+  depthwise: LayerBits
 
   @classmethod
   def static(cls, bits: tuple[int, int] | None, num_blocks: int) -> "Plan":
@@ -66,7 +65,7 @@ class Plan:
     return cls(sb, (sb,) * num_blocks, sb, DEPTHWISE_BITS)
 
   @classmethod
-  def blockwise(cls, blocks: Sequence[Precision]) -> "Plan":
+  def blockwise(cls, blocks: Sequence[LayerBits]) -> "Plan":
     """Block l's branch at ``blocks[l]``; stem, shortcuts (and head conv) full precision and
     depthwise convs at (8, 16, 8): the layout of the gated models."""
     return cls(None, tuple(blocks), None, DEPTHWISE_BITS)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fractrain_jax.layers import (CLASSIFIER, OUTER, Dense, Precision, QConv, StaticBits,
+from fractrain_jax.layers import (CLASSIFIER, OUTER, Dense, LayerBits, QConv, StaticBits,
                                   dense_init)
 
 # SPEC section 1: MobileNetV2's depthwise convs whatever the schedule says.
@@ -40,9 +40,9 @@ BN_EPSILON = 1e-5
 @dataclasses.dataclass(frozen=True)
 class BlockBits:
   """The precision of each conv role inside one block."""
-  branch: Precision
-  shortcut: Precision
-  depthwise: Precision
+  branch: LayerBits
+  shortcut: LayerBits
+  depthwise: LayerBits
 
 
 def layer_key(key: jax.Array | None, index: int) -> jax.Array | None:
@@ -69,7 +69,7 @@ class ConvBN(nnx.Module):
                             use_fast_variance=False, rngs=rngs)
     self.out_features = out_features
 
-  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     return self.bn(self.conv(x, bits, key=key))
 
 
@@ -83,7 +83,7 @@ class Stem(nnx.Module):
     self.max_pool = max_pool
     self.out_features = out_features
 
-  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     h = jax.nn.relu(self.conv_bn(x, bits, key=key))
     if self.max_pool:
       # Pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
@@ -104,7 +104,7 @@ class Head(nnx.Module):
                             kernel_init=dense_init(in_features, num_classes),
                             bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-  def __call__(self, h: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def __call__(self, h: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     if self.conv_bn is not None:
       h = jax.nn.relu(self.conv_bn(h, bits, key=key))
     return self.classifier(global_avg_pool(h))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fractrain_jax import cost
-from fractrain_jax.layers import (ATTENTION, BRANCH, CLASSIFIER, Dense, Precision, QDense,
+from fractrain_jax.layers import (ATTENTION, BRANCH, CLASSIFIER, Dense, LayerBits, QDense,
                                   StaticBits, record_cost)
 from fractrain_jax.models.capture import capture_layer_macs, path_name
 from fractrain_jax.models.parts import layer_key
@@ -97,7 +97,7 @@ class CausalSelfAttention(nnx.Module):
     self.out = _dense(width, width, rngs)
     self.dropout = _Dropout(dropout)
 
-  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     b, t, d = x.shape
     split = lambda y: y.reshape(b, t, self.heads, d // self.heads)
     q = split(self.q(x, bits, key=layer_key(key, 0)))
@@ -129,15 +129,15 @@ class Block(nnx.Module):
     self.fc2 = _dense(mlp_ratio * width, width, rngs)
     self.dropout = _Dropout(dropout)
 
-  def attention(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def attention(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     return x + self.dropout(self.attn(self.ln1(x), bits, key=layer_key(key, 0)),
                             layer_key(key, 1))
 
-  def mlp(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def mlp(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     h = jax.nn.gelu(self.fc1(self.ln2(x), bits, key=layer_key(key, 2)))
     return x + self.dropout(self.fc2(h, bits, key=layer_key(key, 3)), layer_key(key, 4))
 
-  def __call__(self, x: jax.Array, bits: Precision, *, key: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     return self.mlp(self.attention(x, bits, key=key), bits, key=key)
 
 
@@ -202,7 +202,7 @@ class TransformerLM(nnx.Module):
       h = h + self.positions(jnp.arange(t))
     return self.dropout(h, layer_key(key, 0))
 
-  def sublayer(self, index: int, h: jax.Array, bits: Precision, *,
+  def sublayer(self, index: int, h: jax.Array, bits: LayerBits, *,
                key: jax.Array | None) -> jax.Array:
     """Sublayer ``index`` (block ``index // 2``'s attention, then its MLP) on the stream ``h``.
 
@@ -220,7 +220,7 @@ class TransformerLM(nnx.Module):
     record_cost(self, h.shape[1] * self.width * self.vocab_size, CLASSIFIER)
     return self.embed.attend(h)
 
-  def forward(self, tokens: jax.Array, precisions: Sequence[Precision], *,
+  def forward(self, tokens: jax.Array, precisions: Sequence[LayerBits], *,
               key: jax.Array | None = None) -> jax.Array:
     """Next-token logits with one precision per sublayer (``num_sublayers`` of them)."""
     if len(precisions) != self.num_sublayers:

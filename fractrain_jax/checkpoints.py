@@ -1,0 +1,187 @@
+"""A run's checkpoints: the arrays, the bookkeeping beside them, and what run they belong to.
+
+Every checkpoint (Orbax, under ``WORKDIR/checkpoints/<step>``) holds a
+``steps.TrainState`` (the arrays the train step updates) and a ``Progress``
+(everything else needed to continue exactly: stage, indicator, costs counted,
+best accuracy, the run's identity). ``Checkpoints`` saves and restores them,
+refuses a workdir that holds another run (``run_identity``), and moves a
+checkpoint that does not restore, or that a diverged run wrote, aside into
+``checkpoints_bad/`` (never deleted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fractrain_jax import methods, models, run_files, steps
+from fractrain_jax.errors import ResumeError
+
+log = logging.getLogger(__name__)
+
+# TrainState fields renamed since checkpoints were first written: old name -> new.
+_RENAMED_FIELDS = {"rest": "batch_stats"}
+
+
+@dataclasses.dataclass
+class Progress:
+  """Everything a checkpoint holds besides the arrays: where the run is and what it has counted.
+
+  JSON-serializable, saved beside ``steps.TrainState`` in every checkpoint.
+  """
+  phase: str = "train"                  # "train", then "finetune" after train.iters.
+  stage: int = 0                        # PFQ stage / FracTrain target index.
+  indicator: dict | None = None         # pfq.TurningPointIndicator.state_dict().
+  cost: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # FW, EB, GC.
+  cost_paper: float = 0.0               # The paper's convention: cp x FP32 cost.
+  cost_quantized: float = 0.0           # The quantized layers' cost alone.
+  turning_points: list[int] = dataclasses.field(default_factory=list)
+  best_test_acc: float | None = None
+  last_test_acc: float | None = None
+  best_test_loss: float | None = None   # The LM's perplexity is exp of these.
+  last_test_loss: float | None = None
+  wall_s: float = 0.0
+  model_cp_sum: float = 0.0             # Sums of per-step cp, for the run's means.
+  cp_steps: int = 0
+  steer_cp_sum: float = 0.0
+  steer_cp_steps: int = 0
+  interval: dict | None = None          # IntervalMetrics.state_dict() of an unfinished interval.
+  identity: dict | None = None          # What the run is (run_identity); resuming checks it.
+  train_loss: float | None = None       # Mean training loss of the steps before this save.
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Progress":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"checkpoint bookkeeping has unknown keys {sorted(unknown)}; it was "
+                       "written by another version of fractrain-jax")
+    return cls(**d)
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint belongs to: the settings that make two runs different runs.
+
+  Resuming under a config that differs here would mix two runs' metrics and
+  costs; everything else (iters, eval_every, log_every, ...) may change.
+  """
+  identity = {"method": config.method, "model": config.model.name,
+              "dataset": config.data.dataset}
+  if config.model.name == models.LM:  # Its shape, and which split trains.
+    identity["lm"] = methods.model_options(config)
+    identity["splits"] = [config.data.text_train, config.data.text_test]
+  identity.update(methods.get(config.method).identity(config))
+  return identity
+
+
+def one_line(err: BaseException) -> str:
+  """An exception as ``Type: first line``, at most 300 characters."""
+  text = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _describe(identity: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in identity.items())
+
+
+class Checkpoints:
+  """The workdir's Orbax checkpoints: a ``TrainState`` and a ``Progress`` per saved step.
+
+  A checkpoint that does not restore (a truncated array file, missing
+  metadata) is moved aside into ``checkpoints_bad/`` and the next older one
+  is tried.
+  """
+
+  def __init__(self, workdir: pathlib.Path, keep: int):
+    self.workdir = workdir
+    self.keep = keep
+    self.directory = (workdir / run_files.CHECKPOINTS).absolute()
+    self._open()
+
+  def _open(self) -> None:
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+
+  def save(self, step: int, state: steps.TrainState, progress: Progress) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def read_meta(self, step: int) -> Progress:
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return Progress.from_dict(out["meta"])
+
+  def move_aside(self, step: int, why: str) -> pathlib.Path:
+    """Renames checkpoint ``step`` into ``checkpoints_bad/`` and reopens the manager."""
+    bad_root = self.workdir / (run_files.CHECKPOINTS + "_bad")
+    bad_root.mkdir(exist_ok=True)
+    target = bad_root / f"{step}-{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    self.manager.close()  # Its view of the steps is stale once a folder moves.
+    shutil.move(str(self.directory / str(step)), str(target))
+    self._open()
+    return target
+
+  def check_identity(self, identity: dict) -> None:
+    """Refuses (ResumeError) a workdir whose newest readable checkpoint is of another run.
+
+    Reads only the small JSON part, so it answers before any data is loaded
+    and before anything in the workdir is written.
+    """
+    for step in self.steps():
+      try:
+        progress = self.read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore() will move it aside and say so.
+      if progress.identity is not None and progress.identity != identity:
+        raise ResumeError(
+            f"{self.workdir} holds a checkpoint of another run ({_describe(progress.identity)}); "
+            f"this config is {_describe(identity)}. Use another --workdir, or the first "
+            "run's settings to resume it")
+      return
+
+  def _restore_state(self, step: int, abstract_state: steps.TrainState):
+    """The arrays and Progress of checkpoint ``step``, also one written under older field names."""
+    def read(target):
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      return out["state"], Progress.from_dict(out["meta"])
+
+    try:
+      return read(abstract_state)
+    except Exception as first:  # pylint: disable=broad-except
+      fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+      renamed = {old: new for old, new in _RENAMED_FIELDS.items() if new in fields}
+      if not renamed:
+        raise
+      old_of = {new: old for old, new in renamed.items()}
+      try:  # The names on disk, then the new ones.
+        state, progress = read({old_of.get(k, k): v for k, v in fields.items()})
+      except Exception:  # pylint: disable=broad-except
+        raise first from None
+      return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
+
+  def restore(self, abstract_state) -> tuple[steps.TrainState | None, Progress | None]:
+    """The newest checkpoint that restores, with its Progress; (None, None) when there is none."""
+    for step in self.steps():
+      try:
+        return self._restore_state(step, abstract_state)
+      except Exception as err:  # pylint: disable=broad-except
+        moved = self.move_aside(step, "unreadable")
+        log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
+                    "trying the previous one", step, one_line(err), moved)
+    return None, None
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+

@@ -1,0 +1,212 @@
+"""Where a run's data comes from: one registry of data-source kinds.
+
+A kind (``Source``) owns everything about the names it accepts
+(``config.data.dataset``): which names are its (``claims``), what makes one
+unusable (``check``), what the data is for (``task``: images and labels, or
+the LM's token windows), whether it is held on the device or streamed
+(``streamed``), how it is loaded from a config (``load``), and the
+normalization statistics of its images. The kinds registered here:
+
+- ``tfds``: ``cifar10``, ``cifar100`` (tensorflow-datasets, held in memory;
+  SPEC section 6's CIFAR-10 statistics, which the paper and the authors'
+  code apply to CIFAR-100 too);
+- ``tfds-stream``: ``imagenet2012`` (a tf.data stream; the ImageNet statistics);
+- ``folder``: ``folder:PATH`` (an image folder read with Pillow, held in memory);
+- ``text``: ``text:PATH`` (a word-level corpus, the LM's token windows).
+
+``find(dataset)`` is the one place a name is checked; the loaders, the config
+check and the trainer all ask it. A new kind is one subclass and one
+``register`` call (docs/DESIGN.md, "How to add a dataset").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from fractrain_jax.data.common import (CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMAGENET_MEAN,
+                                       IMAGENET_STD, TEXT_PREFIX)
+from fractrain_jax.errors import ConfigError
+
+TASKS = ("classify", "lm")
+
+
+class Source:
+  """A kind of data source; subclasses set the attributes and give ``claims`` and ``load``.
+
+  forms: the names it accepts, as error messages show them ("cifar10", "folder:PATH").
+  task: "classify" (images and labels) or "lm" (token windows for the LM).
+  streamed: read batch by batch on the host (False: held on the device).
+  """
+
+  kind: str = ""
+  forms: tuple[str, ...] = ()
+  task: str = "classify"
+  streamed: bool = False
+
+  def claims(self, dataset: str) -> bool:
+    raise NotImplementedError
+
+  def check(self, dataset: str) -> None:
+    """Refuses (ConfigError) a name this kind claims but cannot use."""
+
+  def load(self, config: ml_collections.ConfigDict) -> Any:
+    """The data of ``config.data.dataset``: an object with ``num_classes``, ``mean``, ``std``,
+    ``test_batches(batch_size)``, ``describe()``, and ``train_arrays()`` (held on the
+    device) or ``train_batches(batch_size, seed, start_step)`` (streamed)."""
+    raise NotImplementedError
+
+
+def check_batch(config: ml_collections.ConfigDict, available: int, what: str) -> None:
+  """Refuses a batch larger than the training examples ``available`` (``what`` names them)."""
+  if available < config.train.batch_size:
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds the "
+                      f"{available} {what}")
+
+
+class Named(Source):
+  """A kind whose names are a fixed list."""
+
+  names: tuple[str, ...] = ()
+
+  @property
+  def forms(self) -> tuple[str, ...]:  # type: ignore[override]
+    return self.names
+
+  def claims(self, dataset: str) -> bool:
+    return dataset in self.names
+
+
+class Prefixed(Source):
+  """A kind whose names are ``PREFIX:PATH``; ``layout`` says what PATH must hold."""
+
+  prefix: str = ""
+  layout: str = ""
+
+  @property
+  def forms(self) -> tuple[str, ...]:  # type: ignore[override]
+    return (self.prefix + "PATH",)
+
+  def claims(self, dataset: str) -> bool:
+    return dataset.startswith(self.prefix)
+
+  def check(self, dataset: str) -> None:
+    if not dataset[len(self.prefix):]:
+      raise ConfigError(f"dataset={dataset!r} names no folder: use {self.prefix}PATH with "
+                        f"{self.layout}")
+
+
+def _arrays(config: ml_collections.ConfigDict, mean, std):
+  from fractrain_jax.data.arrays import load_arrays  # pylint: disable=import-outside-toplevel
+
+  d = config.data
+  arrays = load_arrays(d.dataset, data_dir=d.data_dir, download=d.download,
+                       train_subset=d.train_subset, test_subset=d.test_subset, seed=config.seed)
+  check_batch(config, arrays.num_train, "training images")
+  return dataclasses.replace(arrays, mean=mean, std=std)
+
+
+class TFDSArrays(Named):
+  """CIFAR-10 and CIFAR-100 from tensorflow-datasets, held in memory."""
+  kind = "tfds"
+  names = ("cifar10", "cifar100")
+
+  def load(self, config):
+    return _arrays(config, CIFAR_MEAN, CIFAR_STD)
+
+
+class TFDSStream(Named):
+  """ImageNet from tensorflow-datasets, streamed through tf.data."""
+  kind = "tfds-stream"
+  names = ("imagenet2012",)
+  streamed = True
+
+  def load(self, config):
+    from fractrain_jax.data.stream import StreamData  # pylint: disable=import-outside-toplevel
+
+    d = config.data
+    return StreamData(d.dataset, data_dir=d.data_dir, download=d.download,
+                      image_size=d.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+class Folder(Prefixed):
+  """An image folder (``PATH/train/<class>/*``, ``PATH/test/<class>/*``), held in memory."""
+  kind = "folder"
+  prefix = FOLDER_PREFIX
+  layout = "PATH/train/<class>/ and PATH/test/<class>/"
+
+  def load(self, config):
+    return _arrays(config, CIFAR_MEAN, CIFAR_STD)
+
+
+class Text(Prefixed):
+  """A word-level corpus in the WikiText layout: the LM's token windows, held on the device."""
+  kind = "text"
+  prefix = TEXT_PREFIX
+  layout = "PATH/wiki.{train,valid,test}.tokens or PATH/{train,valid,test}.txt"
+  task = "lm"
+
+  def load(self, config):
+    from fractrain_jax.data.text import load_text  # pylint: disable=import-outside-toplevel
+
+    d = config.data
+    text = load_text(d.dataset, context=config.model.lm.context, train_split=d.text_train,
+                     test_split=d.text_test, train_subset=d.train_subset,
+                     test_subset=d.test_subset)
+    check_batch(config, text.num_train, f"training windows of {text.context} tokens")
+    return text
+
+
+_REGISTRY: list[Source] = []
+
+
+def register(source: Source) -> Source:
+  """Adds a kind; it is asked before the ones registered earlier (so it may narrow them)."""
+  if not source.kind:
+    raise ValueError(f"{type(source).__name__} has no kind")
+  if source.task not in TASKS:
+    raise ValueError(f"{source.kind}: task={source.task!r}; expected one of {TASKS}")
+  unregister(source.kind)
+  _REGISTRY.insert(0, source)
+  return source
+
+
+def unregister(kind: str) -> None:
+  _REGISTRY[:] = [s for s in _REGISTRY if s.kind != kind]
+
+
+def accepted() -> tuple[str, ...]:
+  """Every accepted form of a dataset name, in registration order."""
+  return tuple(form for source in reversed(_REGISTRY) for form in source.forms)
+
+
+def find(dataset: str) -> Source:
+  """The kind that accepts ``dataset``, its name checked; ConfigError listing the forms otherwise."""
+  if not isinstance(dataset, str):
+    raise ConfigError(f"dataset={dataset!r} is not a string; accepted: {', '.join(accepted())}")
+  for source in _REGISTRY:
+    if source.claims(dataset):
+      source.check(dataset)
+      return source
+  raise ConfigError(f"unknown dataset {dataset!r}; accepted: {', '.join(accepted())}")
+
+
+def load(config: ml_collections.ConfigDict) -> Any:
+  """The data of ``config.data.dataset``, loaded by its kind."""
+  return find(config.data.dataset).load(config)
+
+
+def is_text(dataset: str) -> bool:
+  """True for the LM's token windows (``text:PATH``); refuses an unknown name."""
+  return find(dataset).task == "lm"
+
+
+def is_streamed(dataset: str) -> bool:
+  """True for data read batch by batch (imagenet2012); refuses an unknown name."""
+  return find(dataset).streamed
+
+
+for _source in (TFDSArrays(), TFDSStream(), Folder(), Text()):
+  register(_source)

@@ -1,0 +1,189 @@
+"""Every configuration key, with its default: the paper's CIFAR recipe (SPEC section 6).
+
+Full-precision ResNet-38 on CIFAR-10: SGD with momentum 0.9, weight decay 1e-4,
+lr 0.1, batch 128, 64,000 iterations with lr x0.1 at 32,000 and 48,000. The
+library's schema: ``config_check`` accepts exactly these keys, the benchmark
+builds its configs from here, and every recipe in ``configs/`` starts from it
+(``configs/default.py`` is this recipe).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration: FP32 ResNet-38 on CIFAR-10."""
+  config = ml_collections.ConfigDict()
+
+  # Training method: 'fp32' (full precision), 'static' (fixed fw/bw bits,
+  # e.g. SBM 8/8), 'pfq' (SPEC section 3), 'dfq' (section 4) or 'frac'
+  # (FracTrain, section 5).
+  config.method = "fp32"
+  # Seed of parameter init, data order, Gumbel noise and stochastic rounding.
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  # Backbone: resnet20/38/74/110/152 or mobilenet_v2 (CIFAR), resnet18/34/50
+  # (ImageNet). 'dfq' and 'frac' train its gated_<name> variant.
+  config.model.name = "resnet38"
+  # The Transformer LM's shape (model.name='transformer_lm'; the CNNs ignore it).
+  config.model.lm = ml_collections.ConfigDict()
+  # Number of pre-LayerNorm blocks.
+  config.model.lm.depth = 2
+  # Embedding and residual width.
+  config.model.lm.width = 128
+  # Attention heads (must divide width).
+  config.model.lm.heads = 4
+  # MLP hidden width = mlp_ratio * width.
+  config.model.lm.mlp_ratio = 4
+  # Tokens per training window (and per evaluation window).
+  config.model.lm.context = 64
+  # Dropout rate on embeddings, attention weights and residual branches.
+  config.model.lm.dropout = 0.0
+  # Position encoding: 'learned' or 'sinusoidal'.
+  config.model.lm.positions = "learned"
+  # Output layer shares the input embedding matrix.
+  config.model.lm.tied = True
+
+  config.data = ml_collections.ConfigDict()
+  # 'cifar10', 'cifar100', 'imagenet2012' (TFDS), 'folder:PATH' (a directory
+  # with train/<class>/*.jpg and test/<class>/*.jpg) or, for transformer_lm,
+  # 'text:PATH' (wiki.{train,valid,test}.tokens or {train,valid,test}.txt).
+  config.data.dataset = "cifar10"
+  # text:PATH only: the split that trains and gives the vocabulary ('train',
+  # 'valid' or 'test').
+  config.data.text_train = "train"
+  # text:PATH only: the split that is evaluated.
+  config.data.text_test = "test"
+  # TFDS data_dir; None uses the TFDS default (~/tensorflow_datasets).
+  config.data.data_dir = config_dict.placeholder(str)
+  # Use only N training examples; 0 = all (quick runs and tests). For
+  # text:PATH, the first N tokens.
+  config.data.train_subset = 0
+  # Use only N test examples; 0 = all. For text:PATH, the first N tokens (cheap
+  # evaluations during training; evaluate the whole split with main.py --eval_only).
+  config.data.test_subset = 0
+  # Side of the random-resized train crops and eval center crops of the streamed
+  # ImageNet pipeline; in-memory (CIFAR-sized) data keeps its stored size.
+  config.data.image_size = 224
+  # Let TFDS download and prepare the dataset; False fails fast when it is
+  # not prepared under data_dir.
+  config.data.download = False
+
+  config.train = ml_collections.ConfigDict()
+  # Number of SGD iterations (64,000 in the paper's CIFAR recipe).
+  config.train.iters = 64000
+  # Global batch size (split across devices).
+  config.train.batch_size = 128
+  # Evaluate every N iterations; also the length of the PFQ indicator's
+  # "epoch" (390 iterations = one CIFAR epoch at batch 128).
+  config.train.eval_every = 390
+  # Global batch size at evaluation (10,000 CIFAR test images = 20 batches).
+  config.train.eval_batch_size = 500
+  # Full-precision fine-tuning iterations after the last one; 0 = none.
+  config.train.finetune_iters = 0
+  # Devices of the 1-D data mesh the batch is split over; 0 = all visible.
+  config.train.num_devices = 0
+  # Refresh the progress bar (and log the training loss) every N iterations.
+  config.train.log_every = 50
+
+  config.optim = ml_collections.ConfigDict()
+  # 'sgd' (PyTorch SGD, the paper's CIFAR recipe) or 'adamw' (the Transformer
+  # LM's recipes; momentum is its beta1, weight decay decoupled).
+  config.optim.name = "sgd"
+  # Peak learning rate of SGD.
+  config.optim.lr = 0.1
+  # SGD momentum (PyTorch convention: buf = m * buf + grad).
+  config.optim.momentum = 0.9
+  # Coupled L2 weight decay on all parameters, as PyTorch's SGD applies it.
+  config.optim.weight_decay = 1e-4
+  # Learning-rate schedule: 'piecewise' (x decay at each boundary), 'cosine'
+  # or 'linear' (both down to 0 at the last iteration).
+  config.optim.schedule = "piecewise"
+  # Iterations at which the piecewise schedule multiplies the lr by decay.
+  config.optim.boundaries = (32000, 48000)
+  # Factor applied at each piecewise boundary.
+  config.optim.decay = 0.1
+  # Constant warm-up iterations at warmup_lr before the schedule; 0 = none
+  # (the paper's optional warm-up is 400 iterations at 0.01).
+  config.optim.warmup_iters = 0
+  # Learning rate during the warm-up.
+  config.optim.warmup_lr = 0.01
+
+  config.quant = ml_collections.ConfigDict()
+  # Forward (activation) bits of method 'static'; weights use the same width.
+  config.quant.fw_bits = 8
+  # Backward (gradient) bits of method 'static'.
+  config.quant.bw_bits = 8
+  # Momentum of the running activation range used at evaluation (0.9 in the
+  # authors' PFQ and DFQ scripts; their FracTrain script uses 0.1).
+  config.quant.act_momentum = 0.9
+
+  config.pfq = ml_collections.ConfigDict()
+  # Forward bits of each PFQ stage (README example: 3, 4, 6, 8).
+  config.pfq.fw_schedule = (3, 4, 6, 8)
+  # Backward bits of each PFQ stage.
+  config.pfq.bw_schedule = (6, 6, 8, 8)
+  # Initial turning-point threshold epsilon of Alg. 1 (--initial_threshold).
+  config.pfq.eps = 0.05
+  # Threshold decay alpha, applied after the first and second turning points.
+  config.pfq.alpha = 0.3
+  # Number of turning points (PFQ: stages - 1; FracTrain: target raises).
+  config.pfq.num_turning_points = 3
+  # Number of recent epoch losses compared by the indicator.
+  config.pfq.window = 5
+  # The loss scale is the mean loss of the first this many epochs.
+  config.pfq.scale_epochs = 10
+
+  config.dfq = ml_collections.ConfigDict()
+  # Fixed weight bits of the gated convs (4 on CIFAR, 6 on ImageNet).
+  config.dfq.weight_bits = 4
+  # Forward bits of the K candidates the gate chooses from.
+  config.dfq.fw_candidates = (3, 4, 4, 6, 6)
+  # Backward bits of the K candidates (paired with fw_candidates).
+  config.dfq.bw_candidates = (6, 6, 8, 8, 12)
+  # Target steering cp (%: the gated blocks' cost against FP32, see
+  # cost_weighting) of 'dfq'; first target of 'frac'.
+  config.dfq.target_cp = 3.0
+  # Target raise per turning point of 'frac' (target_i = target_cp + i*step).
+  config.dfq.target_step = 0.5
+  # Weight beta of the cost loss sign * beta * (the batch's total gated cost),
+  # as in the authors' scripts (train_frac.py:432).
+  config.dfq.beta = 1e-3
+  # Half-width of the 'dfq' band around the target with sign +-0.1; 0 = none.
+  config.dfq.relax = 0.0
+  # Width of the 'frac' band above the target with sign 0; 0 = none.
+  config.dfq.range = 0.0
+  # Training gate: 'gumbel' (straight-through Gumbel-softmax) or 'hard'
+  # (the authors' straight-through argmax of the softmax).
+  config.dfq.gate = "gumbel"
+  # Gumbel-softmax temperature at the first iteration; it sets only the
+  # gradient's sharpness, the forward choice is one-hot whatever tau.
+  config.dfq.tau_start = 1.0
+  # Temperature at the last iteration (exponential annealing in between).
+  config.dfq.tau_end = 0.5
+  # Weight of each gated block in the steering cp and the cost loss: 'blocks'
+  # (every block 1, the authors' default) or 'macs' (the block's real MACs,
+  # their --conv_info FLOPs table, used for MobileNetV2). The full-precision
+  # layers are never in it; whole-model cost is reported separately.
+  config.dfq.cost_weighting = "blocks"
+  # How a gated block runs: 'single' (one pass, the K candidate quantizations
+  # of each conv input blended by the mask; shortcuts full precision) or
+  # 'per_candidate' (the authors' CIFAR code: the block runs once per
+  # candidate, shortcut quantized at its bits, outputs blended by the mask;
+  # K times the compute). Same parameters, gate and cost accounting.
+  config.dfq.forward = "single"
+  # Gate head: 'cifar' (pool, 1x1 conv to 32, ReLU, 1x1 conv to 16; LSTM 16),
+  # 'imagenet' (pool, 1x1 conv to 40; LSTM 20), 'mobilenet' (as 'cifar' at
+  # 64 and 32; LSTM 32), or 'auto': the authors' head for the model
+  # ('mobilenet' for mobilenet_v2, else 'cifar' at 32x32, 'imagenet' at 224x224).
+  config.dfq.gate_head = "auto"
+  # Gate initialization: 'default' (zero biases, nnx's LSTM init) or 'authors'
+  # (PyTorch's defaults, as their code leaves them: uniform biases and LSTM).
+  config.dfq.gate_init = "default"
+
+  config.checkpoint = ml_collections.ConfigDict()
+  # Number of most recent checkpoints kept in the workdir.
+  config.checkpoint.keep = 3
+
+  return config
