@@ -27,4 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dfq.bw_candidates = (6, 6, 8, 8, 12)
   # Target steering cp in % (README: --target_ratio 3).
   config.dfq.target_cp = 3.0
+  # SPEC section 6's normalization, also when the images come from a folder copy
+  # (--config.data.dataset=folder:PATH, whose own statistics would be measured).
+  config.data.normalization = "cifar10"
   return config

@@ -14,4 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   # Full precision everywhere: the accuracy every low-precision run is compared to.
   config.method = "fp32"
+  # SPEC section 6's normalization, also when the images come from a folder copy
+  # (--config.data.dataset=folder:PATH, whose own statistics would be measured).
+  config.data.normalization = "cifar10"
   return config

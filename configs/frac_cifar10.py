@@ -39,4 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The FracTrain script keeps its running activation ranges with momentum 0.1
   # (train_frac.py:113), not the 0.9 of the PFQ and DFQ scripts.
   config.quant.act_momentum = 0.1
+  # SPEC section 6's normalization, also when the images come from a folder copy
+  # (--config.data.dataset=folder:PATH, whose own statistics would be measured).
+  config.data.normalization = "cifar10"
   return config

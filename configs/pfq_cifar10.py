@@ -31,4 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The indicator's epoch: the PFQ script feeds it every 400 iterations
   # (train_pfq.py:73); evaluation runs at the same points.
   config.train.eval_every = 400
+  # SPEC section 6's normalization, also when the images come from a folder copy
+  # (--config.data.dataset=folder:PATH, whose own statistics would be measured).
+  config.data.normalization = "cifar10"
   return config

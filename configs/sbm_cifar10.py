@@ -18,4 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.fw_bits = 8
   # SBM: 8-bit gradients in the backward pass.
   config.quant.bw_bits = 8
+  # SPEC section 6's normalization, also when the images come from a folder copy
+  # (--config.data.dataset=folder:PATH, whose own statistics would be measured).
+  config.data.normalization = "cifar10"
   return config

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fractrain_jax import methods, models, run_files, steps
+from fractrain_jax import data, methods, models, run_files, steps
 from fractrain_jax.errors import ResumeError
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,14 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """
   identity = {"method": config.method, "model": config.model.name,
               "dataset": config.data.dataset}
+  # The statistics the images are normalized with, where they are not those every run
+  # used before data.normalization existed (CIFAR's in memory, ImageNet's when streamed):
+  # an older folder run then resumes only with data.normalization='cifar10'.
+  source = data.find_source(config.data.dataset)
+  if source.task != "lm":
+    stats = data.sources.normalization(source, config)
+    if stats != ("imagenet" if source.streamed else "cifar10"):
+      identity["normalization"] = stats
   if config.model.name == models.LM:  # Its shape, and which split trains.
     identity["lm"] = methods.model_options(config)
     identity["splits"] = [config.data.text_train, config.data.text_test]

@@ -161,6 +161,11 @@ def _check_data(config) -> None:
     raise ConfigError(
         f"config.data.train_subset={train_subset}, config.data.test_subset={test_subset}: "
         f"subsets are for in-memory datasets; {dataset} streams, expected 0")
+  normalization = _choice(config, "data.normalization", data.sources.NORMALIZATIONS)
+  if source.streamed and normalization == data.sources.MEASURED:
+    raise ConfigError(f"config.data.normalization={normalization!r}; {dataset} streams, so "
+                      "its training split is not measured: expected 'auto', 'cifar10' or "
+                      "'imagenet'")
   _int_at_least(config, "data.image_size", 1)
   download = _get(config, "data.download")
   if not isinstance(download, bool):

@@ -3,8 +3,9 @@
     python -m fractrain_jax.report WORKDIR [WORKDIR ...] [--out DIR] [--baseline WORKDIR] [--no-plots]
 
 Reads what `fractrain_jax/train.py` leaves in a workdir (`config.json`,
-`metrics.jsonl`, `summary.json`; see docs/DESIGN.md) and never imports JAX, so
-it runs anywhere the run's files can be copied to.
+`metrics.jsonl`, `summary.json`; see docs/DESIGN.md) through `report_runs.py`,
+draws with `report_plots.py`, and never imports JAX, so it runs anywhere the
+run's files can be copied to.
 
 Plots and `report.md` go to `--out`; without it, to `report/` beside the first
 workdir (the folder that holds the workdirs), so that
@@ -17,7 +18,8 @@ with no metrics yet is skipped with a warning.
 Two costs per run, labelled apart (SPEC section 2): the whole-model cost (real
 per-layer MACs, the gated models' full-precision layers at 32 bits) and the
 paper's convention (mean steering cp, for plain runs the cp of their quantized
-layers, times the FP32 cost), which is what the paper's tables compare. Each is shown against 8-bit SBM in the same convention.
+layers, times the FP32 cost), which is what the paper's tables compare. Each
+is shown against 8-bit SBM in the same convention.
 A third, the quantized-layer cost (the layers the method quantizes, alone,
 against the same layers at 8/8 bits), shows what a method saves where a
 full-precision layer dominates the whole model (the LM's output layer).
@@ -28,180 +30,19 @@ are its attention and MLP sublayers).
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fractrain_jax.console import hms
-from fractrain_jax.run_files import CONFIG, METRICS, SUMMARY
+from fractrain_jax.report_plots import plot_all, precision_figure
+from fractrain_jax.report_runs import (Run, block_names, candidate_names, choice_shares, labels,
+                                       load_run, sci)
+from fractrain_jax.run_files import METRICS
 
-
-@dataclass
-class Run:
-  """One workdir's results; summary values when finished, derived from metrics otherwise."""
-
-  workdir: Path
-  config: dict[str, Any]
-  metrics: list[dict[str, Any]]
-  summary: dict[str, Any] | None
-  method: str
-  model: str
-  dataset: str
-  iters: int | None
-  last_step: int
-  final_test_acc: float | None
-  best_test_acc: float | None
-  total_cost: float | None
-  cost_fw: float | None
-  cost_eb: float | None
-  cost_gc: float | None
-  cost_paper: float | None
-  cost_fp32: float | None
-  cost_sbm8: float | None
-  mean_model_cp: float | None
-  mean_steer_cp: float | None
-  turning_points: list[int] = field(default_factory=list)
-  wall_s: float | None = None
-  final_test_ppl: float | None = None  # Language-model runs only.
-  best_test_ppl: float | None = None
-  cost_quantized: float | None = None  # The quantized layers alone.
-  cost_quantized_sbm8: float | None = None  # The same layers at 8/8 bits.
-
-  @property
-  def is_lm(self) -> bool:
-    """A language-model run: it reports perplexity rather than accuracy."""
-    return self.final_test_ppl is not None
-
-  @property
-  def name(self) -> str:
-    return self.workdir.name
-
-  @property
-  def finished(self) -> bool:
-    return self.summary is not None
-
-
-def _cfg(config: dict[str, Any], dotted: str) -> Any:
-  """`config["a"]["b"]` for "a.b", also accepting flat dotted keys; None when absent."""
-  if dotted in config:
-    return config[dotted]
-  node: Any = config
-  for part in dotted.split("."):
-    if not isinstance(node, dict) or part not in node:
-      return None
-    node = node[part]
-  return node
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-  lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-  rows: list[dict[str, Any]] = []
-  for i, line in enumerate(lines):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError as err:
-      # A run killed mid-write leaves a torn last line: drop it, keep the rest.
-      if i == len(lines) - 1 and rows:
-        print(f"warning: {path}: ignoring incomplete last line", file=sys.stderr)
-        break
-      raise ValueError(f"{path}:{i + 1}: not a JSON line ({err})") from err
-  if not rows:
-    raise ValueError(f"{path}: no metrics lines yet")
-  return rows
-
-
-def _interval_weights(metrics: list[dict[str, Any]]) -> list[int]:
-  """Iterations covered by each metrics line (each line sums up the interval since the previous)."""
-  weights, prev = [], 0
-  for row in metrics:
-    weights.append(max(int(row["step"]) - prev, 0))
-    prev = int(row["step"])
-  return weights
-
-
-def derive_turning_points(metrics: list[dict[str, Any]]) -> list[int]:
-  """Steps at which the stage rose, read off the `stage` column.
-
-  A line's `stage` is the one in force during the interval it sums up, so a
-  rise between two lines happened at the earlier line's step (the indicator
-  runs at the evaluation boundary).
-  """
-  points, prev_stage, prev_step = [], None, 0
-  for row in metrics:
-    stage = row.get("stage")
-    if stage is not None and prev_stage is not None and stage > prev_stage:
-      points.append(prev_step)
-    if stage is not None:
-      prev_stage = stage
-    prev_step = int(row["step"])
-  return points
-
-
-def _weighted_mean(metrics: list[dict[str, Any]], key: str) -> float | None:
-  """Mean of a per-interval column over the run, each interval weighted by its length."""
-  pairs = [(w, r[key]) for w, r in zip(_interval_weights(metrics), metrics) if r.get(key) is not None]
-  total = sum(w for w, _ in pairs)
-  return sum(w * cp for w, cp in pairs) / total if total else None
-
-
-def load_run(workdir: str | Path) -> Run:
-  """Read one workdir; raises FileNotFoundError naming the missing metrics file."""
-  workdir = Path(workdir)
-  metrics_path = workdir / METRICS
-  if not metrics_path.is_file():
-    raise FileNotFoundError(f"no {METRICS} in {workdir} (looked for {metrics_path})")
-  metrics = _read_metrics(metrics_path)
-  config = json.loads((workdir / CONFIG).read_text()) if (workdir / CONFIG).is_file() else {}
-  summary = json.loads((workdir / SUMMARY).read_text()) if (workdir / SUMMARY).is_file() else None
-  s = summary or {}
-  last = metrics[-1]
-
-  def pick(key: str, fallback: Any) -> Any:
-    return s[key] if s.get(key) is not None else fallback
-
-  accs = [r["test_acc"] for r in metrics if r.get("test_acc") is not None]
-  ppls = [r["test_ppl"] for r in metrics if r.get("test_ppl") is not None]
-  iters = pick("iters", _cfg(config, "train.iters"))
-  return Run(
-      workdir=workdir,
-      config=config,
-      metrics=metrics,
-      summary=summary,
-      method=str(pick("method", last.get("method") or _cfg(config, "method") or "?")),
-      model=str(pick("model", last.get("model") or _cfg(config, "model.name") or "?")),
-      dataset=str(pick("dataset", _cfg(config, "data.dataset") or "?")),
-      iters=int(iters) if iters is not None else None,
-      last_step=int(last["step"]),
-      final_test_acc=pick("final_test_acc", accs[-1] if accs else None),
-      best_test_acc=pick("best_test_acc", max(accs) if accs else None),
-      total_cost=pick("total_cost", last.get("cost")),
-      cost_fw=pick("cost_fw", last.get("cost_fw")),
-      cost_eb=pick("cost_eb", last.get("cost_eb")),
-      cost_gc=pick("cost_gc", last.get("cost_gc")),
-      cost_paper=pick("cost_paper", last.get("cost_paper")),
-      cost_fp32=s.get("cost_fp32"),
-      cost_sbm8=s.get("cost_sbm8"),
-      mean_model_cp=pick("mean_model_cp", _weighted_mean(metrics, "model_cp")),
-      mean_steer_cp=pick("mean_steer_cp", _weighted_mean(metrics, "steer_cp")),
-      turning_points=[int(t) for t in pick("turning_points", derive_turning_points(metrics))],
-      wall_s=pick("wall_s", last.get("wall_s")),
-      final_test_ppl=pick("final_test_ppl", ppls[-1] if ppls else None),
-      best_test_ppl=pick("best_test_ppl", min(ppls) if ppls else None),
-      cost_quantized=pick("cost_quantized", last.get("cost_quantized")),
-      cost_quantized_sbm8=s.get("cost_quantized_sbm8"),
-  )
-
-
-def labels(runs: Sequence[Run]) -> list[str]:
-  """Unique display names: the workdir's name, prefixed by its parent where names clash."""
-  names = [r.name for r in runs]
-  out = [f"{r.workdir.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name for r in runs]
-  return [f"{n}#{i}" if out.count(n) > 1 else n for i, n in enumerate(out)]
+__all__ = ["Run", "choice_shares", "choice_table", "labels", "load_run", "main",
+           "markdown_table", "plot_all", "precision_figure", "sci"]
 
 
 def is_static8(run: Run) -> bool:
@@ -245,14 +86,6 @@ def _ratio(cost: float | None, base: float | None) -> str:
     return "n/a"
   percent = 100 * cost / base
   return f"{percent:.3g}%" if percent < 1000 else f"{percent:,.0f}%"
-
-
-def sci(x: float | None) -> str:
-  """Scientific notation with 3 significant digits, as the paper writes it: 1.18e14."""
-  if x is None or not math.isfinite(x):
-    return "n/a"
-  mantissa, exponent = f"{x:.2e}".split("e")
-  return f"{mantissa}e{int(exponent)}"
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -316,240 +149,18 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
   return "\n".join(lines) + "\n"
 
 
-# ---- plots -----------------------------------------------------------------
-# Figures are built with matplotlib's object API (no pyplot): no global state,
-# no display needed, and the Agg canvas writes the PNGs.
-
-
-def _file_stem(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of one per-interval column, for a "steps-pre" line.
-
-  A metrics line's value holds over the interval that ends at its step, so the
-  first value is repeated at step 0 to draw the first interval too. Missing
-  values become NaN: a gap in the line.
-  """
-  steps = [int(r["step"]) for r in run.metrics]
-  values = [float(r[key]) if r.get(key) is not None else math.nan for r in run.metrics]
-  if steps[0] > 0:
-    steps, values = [0] + steps, values[:1] + values
-  return steps, values
-
-
-def _mark_run_phases(ax: Any, run: Run) -> None:
-  for i, tp in enumerate(run.turning_points):
-    ax.axvline(tp, color="grey", linestyle="--", linewidth=0.8, label="turning point" if i == 0 else None)
-  fine = [int(r["step"]) for r in run.metrics if r.get("phase") == "finetune"]
-  if fine:
-    before = [int(r["step"]) for r in run.metrics if r.get("phase") != "finetune" and int(r["step"]) < fine[0]]
-    ax.axvspan(before[-1] if before else 0, fine[-1], color="tab:olive", alpha=0.12, label="fine-tuning")
-
-
-def _save(fig: Any, path: Path) -> Path:
-  fig.savefig(path, dpi=110)
-  return path
-
-
-def _log_axis(axis: Any, plain: bool = False) -> None:
-  """Log-scale ticks that do not run together: labels at powers of ten only, as 1e13.
-
-  plain: labels as plain numbers at 1, 2 and 5 times the powers of ten (for
-  perplexities, whose range is a decade or two).
-  """
-  from matplotlib.ticker import LogLocator, NullFormatter
-
-  axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if plain else (1.0,),
-                                    numticks=12))
-  axis.set_major_formatter(lambda x, _: "" if x <= 0 else f"{x:g}" if plain
-                           else sci(x).replace(".00e", "e"))
-  axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=12))
-  axis.set_minor_formatter(NullFormatter())
-
-
-COST_AXES = {"cost": "cumulative whole-model training cost (bit-scaled MACs)",
-             "cost_quantized": "cumulative cost of the quantized layers (bit-scaled MACs)"}
-
-
-def plot_acc_vs_cost(runs: Sequence[Run], names: Sequence[str], path: Path,
-                     key: str = "test_acc", cost_key: str = "cost") -> Path:
-  """Test accuracy (or ``key="test_ppl"``: perplexity, log scale) against cumulative cost.
-
-  cost_key: "cost" (whole model) or "cost_quantized" (the quantized layers alone).
-  """
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(6.4, 4.4), layout="constrained")
-  ax = fig.add_subplot()
-  for run, name in zip(runs, names):
-    pts = [(r[cost_key], r[key]) for r in run.metrics
-           if r.get(cost_key) and r[cost_key] > 0 and r.get(key) is not None]
-    if pts:
-      ax.plot(*zip(*pts), marker=".", label=name if run.finished else f"{name} (unfinished)")
-  ax.set_xscale("log")  # Before the ticks: setting the scale resets them.
-  _log_axis(ax.xaxis)
-  ax.set_xlabel(COST_AXES[cost_key])
-  if key == "test_ppl":
-    ax.set_yscale("log")
-    _log_axis(ax.yaxis, plain=True)
-    ax.set_ylabel("test perplexity")
-  else:
-    ax.set_ylabel("test accuracy (%)")
-  ax.grid(True, which="both", alpha=0.3)
-  if ax.has_data():
-    ax.legend(fontsize="small")
-  return _save(fig, path)
-
-
-def plot_precision(run: Run, name: str, path: Path) -> Path:
-  return _save(precision_figure(run, name), path)
-
-
-def precision_figure(run: Run, name: str) -> Any:
-  """Top: precision in force (bits, or DFQ's target cp). Bottom: cp measured per interval.
-
-  Gated runs show their steering cp against its target (the figure DFQ
-  steers), and the whole-model cp beside it; plain runs their whole-model cp.
-  """
-  from matplotlib.figure import Figure
-  from matplotlib.ticker import MaxNLocator
-
-  fig = Figure(figsize=(7.0, 5.0), layout="constrained")
-  top, bottom = fig.subplots(2, 1, sharex=True)
-  steps, fw = _series(run, "fw_bits")
-  _, bw = _series(run, "bw_bits")
-  _, target = _series(run, "target_cp")
-  _, steer = _series(run, "steer_cp")
-  _, model_cp = _series(run, "model_cp")
-  has = lambda values: any(not math.isnan(v) for v in values)
-  if has(fw + bw):
-    top.plot(steps, fw, drawstyle="steps-pre", label="forward bits")
-    top.plot(steps, bw, drawstyle="steps-pre", linestyle="--", label="backward bits")
-    top.set_ylabel("bits")
-    top.yaxis.set_major_locator(MaxNLocator(integer=True))
-  elif has(target):
-    top.plot(steps, target, drawstyle="steps-pre", color="tab:red", label="target cp")
-    top.set_ylabel("target steering cp (%)")
-  else:
-    top.text(0.5, 0.5, "no quantized precision recorded (full precision)",
-             ha="center", va="center", transform=top.transAxes)
-  if has(steer):
-    bottom.plot(steps, steer, drawstyle="steps-pre", color="tab:green", label="steering cp per interval")
-    # Its own axis: on the LM, the full-precision output layer puts it near 80 %.
-    right = bottom.twinx()
-    right.plot(steps, model_cp, drawstyle="steps-pre", color="tab:gray", linewidth=0.8,
-               label="whole-model cp per interval (right axis)")
-    right.set_ylabel("whole-model cp (%)", color="tab:gray")
-    right.legend(fontsize="small", loc="upper right")
-  else:
-    bottom.plot(steps, model_cp, drawstyle="steps-pre", color="tab:green", label="whole-model cp per interval")
-  if has(target):
-    bottom.plot(steps, target, drawstyle="steps-pre", color="tab:red", linestyle=":", label="target cp")
-  bottom.set_ylabel("steering cp (%)" if has(steer) else "cp (% of FP32 cost)")
-  bottom.set_xlabel("step")
-  for ax in (top, bottom):
-    _mark_run_phases(ax, run)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize="small", loc="best")
-  top.set_title(f"{name}: {run.method} {run.model}" + ("" if run.finished else " (unfinished)"))
-  return fig
-
-
-def choice_shares(run: Run) -> list[list[float]] | None:
-  """Per block, the share of each candidate over the whole run (intervals weighted by length)."""
-  rows = [(w, r["choice_ratio"]) for w, r in zip(_interval_weights(run.metrics), run.metrics)
-          if r.get("choice_ratio")]
-  if not rows:
-    return None
-  n_blocks, k = len(rows[0][1]), len(rows[0][1][0])
-  acc = [[0.0] * k for _ in range(n_blocks)]
-  for w, ratio in rows:
-    for b in range(n_blocks):
-      for c in range(k):
-        acc[b][c] += w * ratio[b][c]
-  shares = []
-  for block in acc:
-    total = sum(block)
-    shares.append([v / total if total else 0.0 for v in block])
-  return shares
-
-
-def block_names(run: Run, count: int) -> list[str]:
-  """Display names of a gated run's blocks: the LM's are its attention and MLP sublayers."""
-  if run.is_lm:
-    return [f"{b // 2}.{'attention' if b % 2 == 0 else 'MLP'}" for b in range(count)]
-  return [str(b) for b in range(count)]
-
-
-def _candidate_names(run: Run, k: int) -> list[str]:
-  cands = next((r["candidates"] for r in reversed(run.metrics) if r.get("candidates")), None)
-  return ([f"{a}/{g} bits" for a, g in zip(cands[0], cands[1])] if cands
-          else [f"candidate {c}" for c in range(k)])
-
-
 def choice_table(run: Run, name: str) -> str | None:
   """Markdown: per block, each candidate's share (%) over the run; None for plain runs."""
   shares = choice_shares(run)
   if shares is None:
     return None
-  cands = _candidate_names(run, len(shares[0]))
+  cands = candidate_names(run, len(shares[0]))
   unit = "tokens" if run.is_lm else "samples"
   lines = [f"Candidate mix of `{name}` (share of {unit} per block over the run, %):", "",
            "| block | " + " | ".join(cands) + " |", "|" + "---|" * (len(cands) + 1)]
   for block, row in zip(block_names(run, len(shares)), shares):
     lines.append(f"| {block} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
   return "\n".join(lines) + "\n"
-
-
-def plot_choices(run: Run, name: str, path: Path) -> Path | None:
-  """Stacked bar per block: how often each candidate precision was picked."""
-  from matplotlib.figure import Figure
-
-  shares = choice_shares(run)
-  if shares is None:
-    return None
-  k = len(shares[0])
-  names = _candidate_names(run, k)
-  fig = Figure(figsize=(max(6.0, 0.3 * len(shares) + 2.0), 4.2), layout="constrained")
-  ax = fig.add_subplot()
-  blocks = list(range(len(shares)))
-  bottom = [0.0] * len(shares)
-  for c in range(k):
-    heights = [100 * s[c] for s in shares]
-    ax.bar(blocks, heights, bottom=bottom, label=names[c])
-    bottom = [b + h for b, h in zip(bottom, heights)]
-  ticks = blocks[:: max(1, len(blocks) // 20)]
-  ax.set_xticks(ticks, [block_names(run, len(blocks))[b] for b in ticks],
-                rotation=30 if run.is_lm else 0)
-  ax.set_xlabel("sublayer (decision before it)" if run.is_lm else "block (decision before it)")
-  ax.set_ylabel(f"share of {'tokens' if run.is_lm else 'samples'} (%)")
-  ax.set_ylim(0, 100)
-  ax.set_title(f"{name}: precision choices over the run (fw/bw)")
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-  return _save(fig, path)
-
-
-def plot_all(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-  """Write every figure into `out_dir` (created if needed); returns their paths."""
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  names = labels(runs)
-  if runs and all(r.is_lm for r in runs):
-    paths = [plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_cost.png", key="test_ppl")]
-    if any(r.cost_quantized is not None for r in runs):
-      paths.append(plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_quantized_cost.png",
-                                    key="test_ppl", cost_key="cost_quantized"))
-  else:
-    paths = [plot_acc_vs_cost(runs, names, out_dir / "acc_vs_cost.png")]
-  for run, name in zip(runs, names):
-    paths.append(plot_precision(run, name, out_dir / f"precision_{_file_stem(name)}.png"))
-    choices = plot_choices(run, name, out_dir / f"choices_{_file_stem(name)}.png")
-    if choices is not None:
-      paths.append(choices)
-  return paths
 
 
 def render_report(runs: Sequence[Run], baseline: Run | None, figures: Sequence[Path], out_dir: Path) -> str:

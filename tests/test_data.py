@@ -622,3 +622,58 @@ def test_prefetch_to_device_places_batches_and_forwards_errors():
   next(it)
   with pytest.raises(OSError, match="disk gone"):
     next(it)
+
+
+# ---------------------------------------------------------------------------
+# The registry of data sources and each one's normalization statistics.
+# ---------------------------------------------------------------------------
+
+
+def _source_config(dataset, **data_keys):
+  from configs import default  # pylint: disable=import-outside-toplevel
+
+  config = default.get_config()
+  config.data.dataset = dataset
+  config.data.update(data_keys)
+  config.train.batch_size = 2
+  return config
+
+
+def test_a_folder_is_normalized_with_its_whole_training_splits_statistics(tmp_path):
+  layout = _two_class_layout()
+  root = _write_folder(tmp_path / "f", layout)
+  # train_subset 2 keeps two images; the statistics are still the whole split's.
+  loaded = data.load(_source_config(f"folder:{root}", train_subset=2))
+  assert loaded.num_train == 2
+  pixels = np.concatenate([imgs for imgs in layout["train"].values()]).astype(np.float64) / 255
+  np.testing.assert_allclose(loaded.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
+  np.testing.assert_allclose(loaded.std, pixels.std(axis=(0, 1, 2)), rtol=1e-12)
+  # The paper's recipe on a folder copy of CIFAR-10: SPEC section 6's figures.
+  spec = data.load(_source_config(f"folder:{root}", normalization="cifar10"))
+  assert (spec.mean, spec.std) == (data.CIFAR_MEAN, data.CIFAR_STD)
+
+
+def test_tfds_cifar_keeps_the_papers_statistics_unless_asked(tmp_path):
+  with tfds.testing.mock_data(num_examples=8):
+    own = data.load(_source_config("cifar100", data_dir=str(tmp_path)))
+    measured = data.load(_source_config("cifar100", data_dir=str(tmp_path),
+                                        normalization="measured"))
+  assert (own.mean, own.std) == (data.CIFAR_MEAN, data.CIFAR_STD)
+  pixels = measured.train_images.astype(np.float64) / 255
+  np.testing.assert_allclose(measured.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_normalization_is_checked_and_part_of_the_run_identity():
+  from fractrain_jax import checkpoints, config_check  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(errors.ConfigError, match="imagenet2012 streams"):
+    config_check.validate(_source_config("imagenet2012", normalization="measured"))
+  with pytest.raises(errors.ConfigError, match="data.normalization='mnist'"):
+    config_check.validate(_source_config("cifar10", normalization="mnist"))
+  identity = lambda **keys: checkpoints.run_identity(_source_config(**keys))
+  # What every run normalized with before the option existed stays out of the identity,
+  # so older checkpoints still match; anything else is part of it.
+  assert "normalization" not in identity(dataset="cifar10")
+  assert "normalization" not in identity(dataset="folder:/x", normalization="cifar10")
+  assert identity(dataset="folder:/x")["normalization"] == "measured"
+  assert identity(dataset="cifar10", normalization="imagenet")["normalization"] == "imagenet"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fractrain_jax import report
+from fractrain_jax import report, report_plots
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -257,7 +257,7 @@ def test_axes_ticks_are_readable(tmp_path: Path) -> None:
   ax = fig.add_subplot()
   ax.plot([3e11, 9e13], [1, 2])
   ax.set_xscale("log")
-  report._log_axis(ax.xaxis)
+  report_plots._log_axis(ax.xaxis)
   fig.canvas.draw()
   shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
   assert shown and all(re.fullmatch(r"1e\d+", t) for t in shown), shown

@@ -11,8 +11,13 @@ normalization statistics of its images. The kinds registered here:
   SPEC section 6's CIFAR-10 statistics, which the paper and the authors'
   code apply to CIFAR-100 too);
 - ``tfds-stream``: ``imagenet2012`` (a tf.data stream; the ImageNet statistics);
-- ``folder``: ``folder:PATH`` (an image folder read with Pillow, held in memory);
+- ``folder``: ``folder:PATH`` (an image folder read with Pillow, held in
+  memory; no published statistics, so they are measured on its training split);
 - ``text``: ``text:PATH`` (a word-level corpus, the LM's token windows).
+
+``config.data.normalization`` overrides a source's own statistics
+(``NORMALIZATIONS``): SPEC section 6's CIFAR-10 figures or ImageNet's for any
+image data, or figures measured on the training split of in-memory data.
 
 ``find(dataset)`` is the one place a name is checked; the loaders, the config
 check and the trainer all ask it. A new kind is one subclass and one
@@ -31,6 +36,10 @@ from fractrain_jax.data.common import (CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMA
 from fractrain_jax.errors import ConfigError
 
 TASKS = ("classify", "lm")
+# config.data.normalization: the source's own statistics, or one of these for any image data.
+PUBLISHED = {"cifar10": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+MEASURED = "measured"
+NORMALIZATIONS = ("auto",) + tuple(PUBLISHED) + (MEASURED,)
 
 
 class Source:
@@ -45,6 +54,8 @@ class Source:
   forms: tuple[str, ...] = ()
   task: str = "classify"
   streamed: bool = False
+  # Its own normalization: a key of PUBLISHED, or MEASURED on the training split.
+  statistics: str = MEASURED
 
   def claims(self, dataset: str) -> bool:
     raise NotImplementedError
@@ -98,13 +109,24 @@ class Prefixed(Source):
                         f"{self.layout}")
 
 
-def _arrays(config: ml_collections.ConfigDict, mean, std):
+def normalization(source: Source, config: ml_collections.ConfigDict) -> str:
+  """The statistics a run normalizes with: ``config.data.normalization``, or the source's own."""
+  choice = config.data.normalization
+  return source.statistics if choice == "auto" else choice
+
+
+def _arrays(source: Source, config: ml_collections.ConfigDict):
   from fractrain_jax.data.arrays import load_arrays  # pylint: disable=import-outside-toplevel
 
   d = config.data
+  stats = normalization(source, config)
   arrays = load_arrays(d.dataset, data_dir=d.data_dir, download=d.download,
-                       train_subset=d.train_subset, test_subset=d.test_subset, seed=config.seed)
+                       train_subset=d.train_subset, test_subset=d.test_subset, seed=config.seed,
+                       measure_stats=stats == MEASURED)
   check_batch(config, arrays.num_train, "training images")
+  if stats == MEASURED:
+    return arrays
+  mean, std = PUBLISHED[stats]
   return dataclasses.replace(arrays, mean=mean, std=std)
 
 
@@ -112,9 +134,10 @@ class TFDSArrays(Named):
   """CIFAR-10 and CIFAR-100 from tensorflow-datasets, held in memory."""
   kind = "tfds"
   names = ("cifar10", "cifar100")
+  statistics = "cifar10"
 
   def load(self, config):
-    return _arrays(config, CIFAR_MEAN, CIFAR_STD)
+    return _arrays(self, config)
 
 
 class TFDSStream(Named):
@@ -122,13 +145,15 @@ class TFDSStream(Named):
   kind = "tfds-stream"
   names = ("imagenet2012",)
   streamed = True
+  statistics = "imagenet"
 
   def load(self, config):
     from fractrain_jax.data.stream import StreamData  # pylint: disable=import-outside-toplevel
 
     d = config.data
+    mean, std = PUBLISHED[normalization(self, config)]
     return StreamData(d.dataset, data_dir=d.data_dir, download=d.download,
-                      image_size=d.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                      image_size=d.image_size, mean=mean, std=std)
 
 
 class Folder(Prefixed):
@@ -138,7 +163,7 @@ class Folder(Prefixed):
   layout = "PATH/train/<class>/ and PATH/test/<class>/"
 
   def load(self, config):
-    return _arrays(config, CIFAR_MEAN, CIFAR_STD)
+    return _arrays(self, config)
 
 
 class Text(Prefixed):
