@@ -42,22 +42,31 @@ flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go "
                     "(default: runs/<config file name>).")
 flags.DEFINE_bool("eval_only", False, "Evaluate the workdir's latest checkpoint and exit.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_bool("compilation_cache", True,
+                  "Keep compiled steps in JAX's persistent cache (under the project's cache "
+                  "folder), so that a restart or resume of the same config skips the compile.")
 flags.mark_flags_as_required(["config"])
 
 # Exit status of a mistake in the command, config, data or workdir.
 USAGE_ERROR = 2
 
 
-def _console_logging() -> None:
-  """This package's INFO lines on stderr, one per event, terminal or not."""
+def _console_logging(verbose: bool) -> None:
+  """This package's INFO lines on stderr, one per event, terminal or not.
+
+  Unless --verbosity is given, the libraries' own lines are off: Orbax's (through
+  absl), JAX's search for backends this machine does not have, asyncio's. Errors
+  that matter reach the user as this package's one-line messages.
+  """
   handler = pylogging.StreamHandler(sys.stderr)
   handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
   log = pylogging.getLogger("fractrain_jax")
   log.addHandler(handler)
   log.setLevel(pylogging.INFO)
   log.propagate = False  # Not twice through absl's root handler.
-  # Orbax logs every checkpoint step through absl at INFO.
-  pylogging.getLogger("absl").setLevel(pylogging.WARNING)
+  if not verbose:
+    for name in ("absl", "jax._src.xla_bridge", "asyncio"):
+      pylogging.getLogger(name).setLevel(pylogging.CRITICAL)
 
 
 def _leave_now(signum, frame):
@@ -73,7 +82,12 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from fractrain_jax import errors, train  # pylint: disable=import-outside-toplevel
 
-  _console_logging()
+  verbose = FLAGS["verbosity"].present
+  _console_logging(verbose)
+  if not verbose:
+    platform.quiet_closed_loop_callbacks()
+  if FLAGS.compilation_cache:
+    platform.enable_compilation_cache(jax)
   # Until the training loop takes Ctrl-C over (to save first), there is nothing
   # to save: leave at once, without unwinding through JAX or TensorFlow.
   signal.signal(signal.SIGINT, _leave_now)
@@ -98,22 +112,23 @@ def main(argv):
 
 
 def _early_exit(argv: list[str]) -> int | None:
-  """--help, and a config file that is not there: one answer, before absl parses anything."""
+  """--help, --helpfull and mistakes in the config file or its overrides: one answer each,
+  before absl parses anything."""
   if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
     print(__doc__)
-    print("Flags:\n  --config, --workdir, --eval_only, --distributed "
+    print("Flags:\n  --config, --workdir, --eval_only, --distributed, --nocompilation_cache "
           "(--helpfull lists every flag)")
     return 0
-  for i, arg in enumerate(argv[1:], start=1):
-    path = None
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-    if path is not None and not pathlib.Path(path.split(":", 1)[0]).is_file():
-      print(f"error: config file {path!r} does not exist; the recipes are in configs/ "
-            "(e.g. --config configs/frac_cifar10.py)", file=sys.stderr)
-      return USAGE_ERROR
+  if "--helpfull" in argv[1:]:
+    print(__doc__)
+    print(FLAGS.get_help())
+    return 0
+  from fractrain_jax import command_line  # pylint: disable=import-outside-toplevel
+
+  error = command_line.check(argv)
+  if error is not None:
+    print(f"error: {error}", file=sys.stderr)
+    return USAGE_ERROR
   return None
 
 

@@ -239,8 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cpu-flags", action="store_true",
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   args = parser.parse_args(argv)
+  for name in ("batch_size", "repeats") + (("num_classes",) if args.bench == "step" else ()):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an int >= 1")
   platform.configure(cpu_flags=not args.no_cpu_flags)
   if args.bench == "step":
+    from fractrain_jax import models  # pylint: disable=import-outside-toplevel
+
+    plain = tuple(n for n in models.names() if not n.startswith(models.GATED_PREFIX))
+    if args.model not in plain:
+      parser.error(f"--model={args.model!r}; expected one of {', '.join(plain)} (dfq and frac "
+                   "time its gated_ version)")
     try:
       args.methods = timed_methods(args.methods, args.model)
     except ValueError as err:

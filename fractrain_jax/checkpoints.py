@@ -11,9 +11,12 @@ checkpoint that does not restore, or that a diverged run wrote, aside into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import pathlib
+import re
 import shutil
 import time
 from typing import Any
@@ -22,7 +25,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fractrain_jax import data, methods, models, run_files, steps
-from fractrain_jax.errors import ResumeError
+from fractrain_jax.workdir import strict
+from fractrain_jax.errors import ResumeError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class Progress:
   steer_cp_sum: float = 0.0
   steer_cp_steps: int = 0
   interval: dict | None = None          # IntervalMetrics.state_dict() of an unfinished interval.
+  record: dict | None = None            # The last metrics line, written once this is committed.
   identity: dict | None = None          # What the run is (run_identity); resuming checks it.
   train_loss: float | None = None       # Mean training loss of the steps before this save.
 
@@ -72,12 +77,12 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   Resuming under a config that differs here would mix two runs' metrics and
   costs; everything else (iters, eval_every, log_every, ...) may change.
   """
+  source = data.find_source(config.data.dataset)
   identity = {"method": config.method, "model": config.model.name,
-              "dataset": config.data.dataset}
+              "dataset": source.canonical(config.data.dataset)}
   # The statistics the images are normalized with, where they are not those every run
   # used before data.normalization existed (CIFAR's in memory, ImageNet's when streamed):
   # an older folder run then resumes only with data.normalization='cifar10'.
-  source = data.find_source(config.data.dataset)
   if source.task != "lm":
     stats = data.sources.normalization(source, config)
     if stats != ("imagenet" if source.streamed else "cifar10"):
@@ -93,6 +98,30 @@ def one_line(err: BaseException) -> str:
   """An exception as ``Type: first line``, at most 300 characters."""
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _reason(err: BaseException) -> str:
+  """The OS's reason inside an error, else its first line. Orbax wraps OSErrors; TensorStore
+  reports them as ``... [os_error_code='28']`` inside a ValueError."""
+  seen = err
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    code = re.search(r"os_error_code='(\d+)'", str(seen))
+    if code:
+      return os.strerror(int(code.group(1)))
+    seen = seen.__cause__ or seen.__context__
+  return one_line(err)
+
+
+def _comparable(identity: dict) -> dict:
+  """``identity`` with its dataset spelt as ``run_identity`` spells it now (older checkpoints
+  hold the name as it was typed)."""
+  try:
+    dataset = data.find_source(identity.get("dataset")).canonical(identity["dataset"])
+  except (ValueError, KeyError):
+    return identity
+  return {**identity, "dataset": dataset}
 
 
 def _describe(identity: dict) -> str:
@@ -118,10 +147,42 @@ class Checkpoints:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
 
   def save(self, step: int, state: steps.TrainState, progress: Progress) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave(dataclasses.asdict(progress))), force=True)
-    self.manager.wait_until_finished()
+    """Commits checkpoint ``step``; StorageError (one line) when it cannot be written, with
+    its partial folder removed and the newest committed checkpoint named."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(strict(dataclasses.asdict(progress)))), force=True)
+      self.manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      # Let Orbax's background writers end before their partial folder is removed.
+      for finish in (self.manager.wait_until_finished, self.manager.close):
+        with contextlib.suppress(Exception):
+          finish()
+      self._remove_partial()
+      self._open()
+      kept = [s for s in self._committed() if s != step]
+      where = f"the newest checkpoint kept is step {kept[0]}" if kept else "no checkpoint is kept"
+      raise StorageError(f"cannot write the checkpoint of step {step} in {self.directory} "
+                         f"({_reason(err)}); {where}") from None
+
+  def _committed(self) -> list[int]:
+    """Committed checkpoints, newest first, read from the folder (the manager may be stale)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted((int(p.name) for p in self.directory.iterdir()
+                   if p.is_dir() and p.name.isdigit()), reverse=True)
+
+  def _remove_partial(self) -> None:
+    """Removes what an interrupted save leaves: Orbax's temporary folders (a writer thread
+    finishing late can bring one back for a moment, hence the second look)."""
+    for _ in range(5):
+      partial = list(self.directory.glob("*.orbax-checkpoint-tmp*")) if self.directory.is_dir() else []
+      if not partial:
+        return
+      for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+      time.sleep(0.1)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps(), reverse=True)
@@ -151,7 +212,7 @@ class Checkpoints:
         progress = self.read_meta(step)
       except Exception:  # pylint: disable=broad-except
         continue  # restore() will move it aside and say so.
-      if progress.identity is not None and progress.identity != identity:
+      if progress.identity is not None and _comparable(progress.identity) != identity:
         raise ResumeError(
             f"{self.workdir} holds a checkpoint of another run ({_describe(progress.identity)}); "
             f"this config is {_describe(identity)}. Use another --workdir, or the first "

@@ -286,6 +286,6 @@ def check_workdir(path: str | os.PathLike) -> pathlib.Path:
       os.close(fd)
       os.remove(probe)
   except OSError as e:
-    raise ConfigError(
-        f"workdir {str(workdir)!r} is not a writable directory: {e}") from e
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    raise ConfigError(f"cannot write the workdir {workdir}: {reason}") from None
   return workdir

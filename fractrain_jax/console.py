@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from fractrain_jax import run_files
+from fractrain_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,15 @@ class RunLog:
       self.logger.setLevel(logging.INFO)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+      # The error that ended the run, in the file only: the console gets it from main.py.
+      text = str(exc).strip().splitlines()
+      message = f"error: {text[0] if text else type(exc).__name__}"
+      if not isinstance(exc, UserError):
+        message = f"crashed: {type(exc).__name__}: {text[0] if text else ''}"
+      self.handler.emit(logging.LogRecord(self.logger.name, logging.ERROR, __file__, 0,
+                                          message, None, None))
     self.logger.removeHandler(self.handler)
     self.handler.close()
 
@@ -107,3 +116,36 @@ class Speed:
     if step <= self.step0 or dt <= 0:
       return "?"
     return hms((total - step) * dt / (step - self.step0))
+
+
+def throughput(per_second: float | None, context: int | None = None) -> list[str]:
+  """Examples per second as a line part: images, or tokens when a sample is a window of
+  ``context`` tokens (the LM); none before the first timed step."""
+  if per_second is None:
+    return []
+  if context is not None:
+    return [f"{per_second * context:.0f} tokens/s"]
+  return [f"{per_second:.0f} img/s"]
+
+
+def progress_line(step: int, total: int, loss: float, acc: float, cp: float,
+                  rate: list[str], eta: str) -> str:
+  """The progress bar's figures as one line, for a run without a terminal."""
+  return " | ".join([f"step {step}/{total}", f"loss {loss:.3f} acc {acc:.1f}%",
+                     f"cp {cp:.2f}%", *rate, f"ETA {eta}"])
+
+
+def event_line(record: dict[str, Any], total: int, method_parts: list[str], rate: list[str],
+               eta: str) -> str:
+  """One evaluation (a metrics line) as one console line (also in log.txt)."""
+  parts = [f"step {record['step']}/{total}",
+           f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.1f}%",
+           f"test loss {record['test_loss']:.3f} acc {record['test_acc']:.2f}%"
+           + (f" ppl {record['test_ppl']:.2f}" if "test_ppl" in record else "")]
+  if record.get("steer_cp") is not None:
+    parts.append(f"steer cp {record['steer_cp']:.2f}% (target {record['target_cp']:g}%)")
+  parts.append(f"model cp {record['model_cp']:.2f}%")
+  parts += method_parts
+  if record["phase"] != "train":
+    parts.append(record["phase"])
+  return " | ".join(parts + rate + [f"ETA {eta}"])

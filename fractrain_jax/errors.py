@@ -31,3 +31,11 @@ class ResumeError(UserError, ValueError):
 
 class NonFiniteError(UserError, FloatingPointError):
   """Training diverged: a loss became nan or inf (the step and the checkpoint kept)."""
+
+
+class StorageError(UserError, OSError):
+  """A file or folder of the run cannot be written (permissions, a full disk, a quota)."""
+
+
+class WorkdirInUseError(UserError, RuntimeError):
+  """Another process is running in the workdir (its pid and host are named)."""

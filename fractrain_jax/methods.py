@@ -22,6 +22,7 @@ a method"). Outside this module no code compares a method's name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import ml_collections
@@ -29,6 +30,8 @@ from flax import nnx
 
 from fractrain_jax import cost, dfq, models, quant
 from fractrain_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,24 @@ class Method:
 
   def check(self, config: ml_collections.ConfigDict) -> None:
     """This method's own config checks (ConfigError); the shared ones run first."""
+
+  def log_reachable_targets(self, config: ml_collections.ConfigDict) -> None:
+    """A gated method logs the reachable steering-cp range and warns about a target outside it.
+
+    Not a refusal: the README's FracTrain recipe starts at 1.5, below the 1.758
+    floor of the CIFAR candidates, in the authors' code too. Below the floor the
+    cost term only pushes down (sign +1 at every step), above the ceiling only up.
+    """
+    d = config.dfq
+    lo, hi = cost.steer_cp_range(d.fw_candidates, d.bw_candidates, d.weight_bits)
+    log.info("Steering cp of gated %s with these candidates: %.3f%% (every block at the "
+             "cheapest) to %.3f%% (every block at the dearest)", config.model.name, lo, hi)
+    outside = [t for t in self.targets(config) if not lo <= t <= hi]
+    if outside:
+      log.warning("target cp %s outside the reachable steering-cp range %.3f-%.3f%% of these "
+                  "candidates (fw %s, bw %s, weights %d bits): the gate cannot meet it",
+                  ", ".join(f"{t:g}" for t in outside), lo, hi, tuple(d.fw_candidates),
+                  tuple(d.bw_candidates), d.weight_bits)
 
   def event_parts(self, record: dict[str, Any]) -> list[str]:
     """This method's words in an evaluation's console line."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import pathlib
+import sys
+import warnings
 
 # XLA:CPU recomputes chains of cheap element-wise ops (BN, ReLU, residual adds)
 # inside the transposes of weight-gradient convs; YNNPACK's element-wise fusion
@@ -45,3 +48,43 @@ def configure(*, cpu_flags: bool = True) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_FLAG}".strip()
   # TensorFlow, where it is used at all, only reads data.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+CACHE_ENV = "FRACTRAIN_CACHE_DIR"
+
+
+def cache_root() -> pathlib.Path:
+  """The project's cache folder: ``$FRACTRAIN_CACHE_DIR`` or ``~/.cache/fractrain_jax``."""
+  root = os.environ.get(CACHE_ENV)
+  return pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "fractrain_jax"
+
+
+def enable_compilation_cache(jax) -> pathlib.Path:
+  """JAX's persistent compilation cache under ``cache_root()/jax``: a restart or resume of the
+  same config loads its compiled steps instead of compiling them again."""
+  folder = cache_root() / "jax"
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  # Everything, the small programs of eager model initialization too: together they
+  # took seconds of every start.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
+
+
+def quiet_closed_loop_callbacks() -> None:
+  """Drops one known-harmless report: TensorStore completing a future after Orbax has closed
+  the asyncio loop that waited on it (it happens when a checkpoint fails to save or restore,
+  and printed up to hundreds of tracebacks). Every other unraisable error is printed as before.
+  """
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook
+  # The coroutines such a failed save leaves behind are reported once more at exit.
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)

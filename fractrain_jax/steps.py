@@ -202,6 +202,8 @@ class Trainer:
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     metrics["lr"] = optim.current_lr(opt_state)
+    # Checked at every step with the loss terms (divergence.py): a cheap reduction.
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     return new_state, metrics
 
   def train_step(self, precision: Precision):

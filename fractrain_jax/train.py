@@ -34,11 +34,12 @@ import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fractrain_jax import config_check, cost, data, dfq, methods, pfq, run_files, steps
+from fractrain_jax import (config_check, console, cost, data, dfq, divergence, methods, pfq,
+                           run_files, steps)
+from fractrain_jax import workdir as run_record
 from fractrain_jax.checkpoints import Checkpoints, Progress, run_identity
 from fractrain_jax.console import RunLog, Speed, StopRequests, hms
-from fractrain_jax.errors import ConfigError, NonFiniteError, ResumeError
-from fractrain_jax.tensorboard_writer import TensorBoardWriter
+from fractrain_jax.errors import ConfigError, ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +94,11 @@ class RunSetup:
   trainer: steps.Trainer
   plain_layers: list[cost.LayerMACs]  # The plain model: FP32 and SBM references.
   checkpoints: Checkpoints
-  tensorboard: Any = None
+  metrics: run_record.MetricsFile
 
   @property
   def total_iters(self) -> int:
     return self.config.train.iters + self.config.train.finetune_iters
-
-
-def _check_targets_reachable(config, method: methods.Method) -> None:
-  """Logs the reachable steering-cp range; warns about a target outside it.
-
-  Not a refusal: the README's FracTrain recipe starts at 1.5, below the 1.758
-  floor of the CIFAR candidates, in the authors' code too. Below the floor the
-  cost term only pushes down (sign +1 at every step), above the ceiling only up.
-  """
-  d = config.dfq
-  lo, hi = cost.steer_cp_range(d.fw_candidates, d.bw_candidates, d.weight_bits)
-  log.info("Steering cp of gated %s with these candidates: %.3f%% (every block at the "
-           "cheapest) to %.3f%% (every block at the dearest)", config.model.name, lo, hi)
-  outside = [t for t in method.targets(config) if not lo <= t <= hi]
-  if outside:
-    log.warning("target cp %s outside the reachable steering-cp range %.3f-%.3f%% of these "
-                "candidates (fw %s, bw %s, weights %d bits): the gate cannot meet it",
-                ", ".join(f"{t:g}" for t in outside), lo, hi, tuple(d.fw_candidates),
-                tuple(d.bw_candidates), d.weight_bits)
 
 
 def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:
@@ -140,8 +122,9 @@ def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:
   plain_layers = (methods.plain_layer_macs(config, source.num_classes) if method.gated
                   else trainer.layers)
   if method.gated:
-    _check_targets_reachable(config, method)
-  return RunSetup(config, method, workdir, source, trainer, plain_layers, checkpoints)
+    method.log_reachable_targets(config)
+  return RunSetup(config, method, workdir, source, trainer, plain_layers, checkpoints,
+                  run_record.MetricsFile(workdir))
 
 
 def _train_batches(setup: RunSetup, start_step: int) -> Iterator[Any]:
@@ -176,18 +159,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   config_check.validate(config)
   workdir = config_check.check_workdir(workdir)
-  checkpoints = Checkpoints(workdir, config.checkpoint.keep)
-  # A workdir of another run is refused before anything in it is written.
-  checkpoints.check_identity(run_identity(config))
-  with RunLog(workdir):
-    return _train(_setup(config, workdir, checkpoints), stop_at)
+  run_record.check_writable(workdir)
+  made = [f for f in (run_files.CHECKPOINTS, run_files.TENSORBOARD) if not (workdir / f).exists()]
+  with run_record.Lock(workdir):
+    checkpoints = Checkpoints(workdir, config.checkpoint.keep)
+    try:
+      # A workdir of another run is refused before anything in it is written.
+      checkpoints.check_identity(run_identity(config))
+      with RunLog(workdir):
+        return _train(_setup(config, workdir, checkpoints), stop_at)
+    finally:
+      for folder in made:  # A start that failed leaves no empty folder it made.
+        if (workdir / folder).is_dir() and not any((workdir / folder).iterdir()):
+          (workdir / folder).rmdir()
 
 
 def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
   """train_and_evaluate once the workdir is known to be this run's."""
   config, trainer, workdir = setup.config, setup.trainer, setup.workdir
+  had_checkpoints = bool(setup.checkpoints.steps())
   state, progress = setup.checkpoints.restore(trainer.abstract_state())
-  (workdir / run_files.CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
+  if state is None and had_checkpoints:
+    raise ResumeError(f"no checkpoint in {setup.checkpoints.directory} restores; they were "
+                      f"moved to {workdir / run_record.BAD_CHECKPOINTS}; use a new --workdir")
+  summary_path = workdir / run_files.SUMMARY
+  if state is not None and int(state.step) >= setup.total_iters:
+    return _finished(setup, progress, int(state.step))
+  # The record restarts at the restored step: nothing written after it stays.
+  setup.metrics.align(0 if state is None else int(state.step),
+                      None if progress is None else progress.record)
+  if summary_path.exists():
+    summary_path.unlink()
+  run_record.write_json(workdir / run_files.CONFIG, json.loads(config.to_json_best_effort()))
   if state is None:
     state, progress = trainer.init_state(config.seed), Progress(identity=run_identity(config))
     log.info("Starting %s %s in %s", config.method, config.model.name, workdir)
@@ -195,13 +198,12 @@ def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
     state = trainer.put_replicated(state)
     log.info("Resuming %s %s in %s from step %d", config.method, config.model.name, workdir,
              int(state.step))
-  setup.tensorboard = TensorBoardWriter(workdir / run_files.TENSORBOARD)
   first = int(state.step)
   stop_at = setup.total_iters if stop_at is None else min(stop_at, setup.total_iters)
   try:
     state, step, stopped = _loop(setup, progress, state, first, stop_at)
   finally:
-    setup.tensorboard.close()
+    setup.metrics.close()
   if stopped is not None:
     return stopped
   if step < setup.total_iters:  # Stopped by stop_at, after saving a checkpoint.
@@ -209,13 +211,32 @@ def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
                 "resume", step)
     return {"stopped_at": step}
   summary = _summary(setup, progress)
-  (workdir / run_files.SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+  run_record.write_json(summary_path, summary)
   result = (f"perplexity {summary['final_test_ppl']:.2f} (best {summary['best_test_ppl']:.2f})"
             if "final_test_ppl" in summary else
             f"accuracy {summary['final_test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%)")
   log.info("Done: final test %s, cost %.3g bit-scaled MACs (%.3g of SBM 8/8), wall %s", result,
            summary["total_cost"], summary["total_cost"] / summary["cost_sbm8"],
            hms(summary["wall_s"]))
+  return summary
+
+
+def _finished(setup: RunSetup, progress: Progress, step: int) -> dict[str, Any]:
+  """A resume at or past the last iteration: nothing to train; summary.json stays as it is."""
+  path, total = setup.workdir / run_files.SUMMARY, setup.total_iters
+  if step > total:
+    raise ResumeError(
+        f"the newest checkpoint in {setup.workdir} is at step {step}, past train.iters + "
+        f"train.finetune_iters = {total}: nothing to train (summary.json is left as it is). "
+        f"Set train.iters above {step} to train on, or use a new --workdir")
+  if path.exists():
+    log.info("%s finished at step %d; its summary.json is kept", setup.workdir, step)
+    return json.loads(path.read_text())
+  # The last checkpoint was committed but a crash lost the summary: write it now.
+  setup.metrics.align(step, progress.record)
+  setup.metrics.close()
+  summary = _summary(setup, progress)
+  run_record.write_json(path, summary)
   return summary
 
 
@@ -253,9 +274,9 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
           log.info("Compiled the %s train step and ran it once in %.1f s", precision,
                    time.perf_counter() - t0)
           speed.restart(step + 1)
-        # Cheap every-step check: the previous step's loss, fetched while this one runs.
+        # Cheap every-step check: the previous step's loss terms, fetched while this one runs.
         if previous is not None:
-          _check_finite_step(setup, previous, step)  # The step before this one.
+          _check_step(setup, previous, step)  # The step before this one.
         previous = metrics
         interval.add(metrics)
         bar.update(1)
@@ -267,14 +288,22 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
           bar.set_postfix(loss=f"{interval.mean('ce'):.3f}",
                           acc=f"{100 * interval.mean('correct') / bs:.1f}",
                           cp=f"{cp:.2f}", stage=progress.stage, refresh=False)
+          if bar.disable and not at_eval and (step % config.train.log_every == 0
+                                              or step == first + 1):
+            # No terminal, no bar: the same figures as a log line.
+            log.info(console.progress_line(
+                step, setup.total_iters, interval.mean("ce"),
+                100 * interval.mean("correct") / bs, cp,
+                _throughput(setup, speed.per_second(step, bs)), speed.eta(step, setup.total_iters)))
         if at_eval:
-          _check_finite_step(setup, metrics, step)
+          _check_step(setup, metrics, step)
           previous = None  # Checked: the next step need not fetch it again.
           progress.wall_s = wall_base + time.perf_counter() - t_start
           record = _end_interval(setup, progress, indicator, interval, state, step, precision,
                                  target)
-          log.info(_event_line(setup, record, speed.per_second(step, bs),
-                               speed.eta(step, setup.total_iters)))
+          log.info(console.event_line(
+              record, setup.total_iters, setup.method.event_parts(record),
+              _throughput(setup, speed.per_second(step, bs)), speed.eta(step, setup.total_iters)))
           interval = IntervalMetrics()
         elif stop.requested or step == stop_at:
           progress.wall_s = wall_base + time.perf_counter() - t_start
@@ -292,59 +321,28 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
   return state, step, None
 
 
-def _event_line(setup: RunSetup, record: dict, per_second: float | None, eta: str) -> str:
-  """One evaluation as one console line (also in log.txt)."""
-  parts = [f"step {record['step']}/{setup.total_iters}",
-           f"train loss {record['train_loss']:.3f} acc {record['train_acc']:.1f}%",
-           f"test loss {record['test_loss']:.3f} acc {record['test_acc']:.2f}%"
-           + (f" ppl {record['test_ppl']:.2f}" if "test_ppl" in record else "")]
-  if record.get("steer_cp") is not None:
-    parts.append(f"steer cp {record['steer_cp']:.2f}% (target {record['target_cp']:g}%)")
-  parts.append(f"model cp {record['model_cp']:.2f}%")
-  parts += setup.method.event_parts(record)
-  if record["phase"] != "train":
-    parts.append(record["phase"])
-  if per_second is not None:
-    if setup.trainer.task == "lm":  # A sample is a window of context tokens.
-      parts.append(f"{per_second * setup.config.model.lm.context:.0f} tokens/s")
-    else:
-      parts.append(f"{per_second:.0f} img/s")
-  parts.append(f"ETA {eta}")
-  return " | ".join(parts)
-
-
-def _absurd_loss(setup: RunSetup) -> float:
-  """A cross-entropy far beyond any a model that learns reports: 100x that of a uniform guess."""
-  return 100 * math.log(max(setup.source.num_classes, 2))
-
-
-def _check_finite_step(setup: RunSetup, metrics: dict, number: int) -> None:
-  """Stops the run at the first step whose training loss is nan or inf (``number``: 1-based)."""
-  loss = float(jax.device_get(metrics["ce"]))
-  if math.isfinite(loss):
-    return
-  _stop_diverged(setup, f"training loss became {loss} at step {number}")
+def _check_step(setup: RunSetup, metrics: dict, number: int) -> None:
+  """Stops the run at the first step whose loss terms diverged (``divergence.py``)."""
+  values = jax.device_get({k: metrics[k] for k in divergence.CHECKED if k in metrics})
+  what = divergence.diverged(values, number, setup.source.num_classes)
+  if what is not None:
+    _stop_diverged(setup, what)
 
 
 def _stop_diverged(setup: RunSetup, what: str) -> None:
-  """Keeps the newest checkpoint whose training loss was finite and not absurd; raises."""
-  c, ckpt = setup.config, setup.checkpoints
-  bound = _absurd_loss(setup)
-  kept, moved = None, []
-  for step in ckpt.steps():
-    loss = ckpt.read_meta(step).train_loss
-    if loss is not None and math.isfinite(loss) and loss <= bound:
-      kept = (step, loss)
-      break
-    ckpt.move_aside(step, "diverged")
-    moved.append(f"{step} (training loss {loss:.3g})" if loss is not None else str(step))
-  where = (f"kept the checkpoint of step {kept[0]} (training loss {kept[1]:.3g})" if kept
-           else "no checkpoint before it had a sane training loss")
-  aside = f"; moved aside step {', '.join(moved)} to {run_files.CHECKPOINTS}_bad/" if moved else ""
-  again = "resume from that checkpoint" if kept else "start over"
-  raise NonFiniteError(
-      f"{what} ({c.method}, {c.model.name}, lr {c.optim.lr:g}); {where}{aside}. Lower "
-      f"optim.lr or check the data, then run again to {again}")
+  """Keeps the newest sane checkpoint, cuts the metrics back to it, raises NonFiniteError."""
+  ckpt = setup.checkpoints
+  step, moved = divergence.keep_sane(ckpt, setup.source.num_classes)
+  progress = None if step is None else ckpt.read_meta(step)
+  setup.metrics.align(step or 0, None if progress is None else progress.record)
+  kept = None if step is None else (step, progress.train_loss)
+  raise divergence.error(setup.config, what, kept, moved)
+
+
+def _throughput(setup: RunSetup, per_second: float | None) -> list[str]:
+  """Images per second, or the LM's tokens per second (a sample is a window)."""
+  lm = setup.trainer.task == "lm"
+  return console.throughput(per_second, setup.config.model.lm.context if lm else None)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict,
@@ -407,10 +405,6 @@ def _end_interval(setup: RunSetup, progress: Progress, indicator: pfq.TurningPoi
   if interval.choice is not None:
     record["choice_ratio"] = (interval.choice / steer_steps).tolist()
     record["candidates"] = [list(config.dfq.fw_candidates), list(config.dfq.bw_candidates)]
-  with open(setup.workdir / run_files.METRICS, "a") as f:
-    f.write(json.dumps(record) + "\n")
-  setup.tensorboard.write(step, {k: v for k, v in record.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
   if progress.phase == "train" and method.turning_point(config, step, indicator, record):
     progress.stage += 1
     progress.turning_points.append(step)
@@ -418,7 +412,11 @@ def _end_interval(setup: RunSetup, progress: Progress, indicator: pfq.TurningPoi
              method.turning_point_note(config, progress.stage))
   progress.indicator, progress.interval = indicator.state_dict(), None
   progress.train_loss = record["train_loss"]
+  progress.record = record
+  # The line follows its checkpoint: a crash in between leaves the line in the checkpoint,
+  # and the next start puts it back (MetricsFile.align).
   setup.checkpoints.save(step, state, progress)
+  setup.metrics.append(record)
   return record
 
 

@@ -1,7 +1,9 @@
 """Test-session setup: two host CPU devices (for the sharding tests) and cheap compiles."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -10,8 +12,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Folder datasets cache their decoded arrays; tests keep theirs out of ~/.cache.
-os.environ.setdefault("FRACTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="fractrain_cache_"))
+# Folder datasets cache their decoded arrays (and main.py its compiled steps); tests keep
+# theirs out of ~/.cache, in a folder removed when the session ends.
+if "FRACTRAIN_CACHE_DIR" not in os.environ:
+  os.environ["FRACTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fractrain_cache_")
+  atexit.register(shutil.rmtree, os.environ["FRACTRAIN_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

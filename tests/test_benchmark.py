@@ -70,3 +70,16 @@ def test_lm_step_refuses_the_per_candidate_variants(capsys):
   with pytest.raises(SystemExit):
     benchmark.main(["step", "--model", "transformer_lm", "--methods", "dfq_per_candidate"])
   assert "runs 'single' only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["step", "--model", "resnet999"], "--model='resnet999'; expected one of resnet8"),
+    (["step", "--batch-size", "0"], "--batch-size=0; expected an int >= 1"),
+    (["quant", "--repeats", "0"], "--repeats=0; expected an int >= 1"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, needle):
+  with pytest.raises(SystemExit) as info:
+    benchmark.main(argv)
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert needle in err and "Traceback" not in err

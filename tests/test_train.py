@@ -198,10 +198,13 @@ def test_pfq_compiles_once_per_stage(tmp_path, monkeypatch):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
   config = tiny_config("fp32", **{"train.iters": 6, "optim.lr": 1e30,
                                   "optim.boundaries": (100,)})
-  with pytest.raises(FloatingPointError, match="(training|test) loss became nan at step [12]"):
+  with pytest.raises(FloatingPointError,
+                     match="(training loss|test loss|gradient norm) became nan at step [12]"):
     run_mock(config, tmp_path)
-  steps_saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                       if p.name.isdigit())
+  # A run that diverged before its first checkpoint leaves no (empty) checkpoints/ folder.
+  folder = tmp_path / "checkpoints"
+  steps_saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) \
+      if folder.exists() else []
   assert all(s < 6 for s in steps_saved)
 
 

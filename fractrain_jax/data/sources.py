@@ -27,6 +27,7 @@ check and the trainer all ask it. A new kind is one subclass and one
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import ml_collections
@@ -62,6 +63,10 @@ class Source:
 
   def check(self, dataset: str) -> None:
     """Refuses (ConfigError) a name this kind claims but cannot use."""
+
+  def canonical(self, dataset: str) -> str:
+    """One spelling per dataset, for the run's identity (a path made absolute)."""
+    return dataset
 
   def load(self, config: ml_collections.ConfigDict) -> Any:
     """The data of ``config.data.dataset``: an object with ``num_classes``, ``mean``, ``std``,
@@ -107,6 +112,10 @@ class Prefixed(Source):
     if not dataset[len(self.prefix):]:
       raise ConfigError(f"dataset={dataset!r} names no folder: use {self.prefix}PATH with "
                         f"{self.layout}")
+
+  def canonical(self, dataset: str) -> str:
+    """``./data/cifar10/``, ``data/cifar10`` and its absolute path are one dataset."""
+    return self.prefix + str(pathlib.Path(dataset[len(self.prefix):]).expanduser().resolve())
 
 
 def normalization(source: Source, config: ml_collections.ConfigDict) -> str:
