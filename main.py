@@ -41,7 +41,13 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file (co
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go "
                     "(default: runs/<config file name>).")
 flags.DEFINE_bool("eval_only", False, "Evaluate the workdir's latest checkpoint and exit.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_bool("distributed", False,
+                  "Run as one of several processes, JAX detecting the coordinator and ranks "
+                  "itself (SLURM, Cloud TPU, Open MPI); implied by the three flags below.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for jax.distributed.initialize (several processes).")
+flags.DEFINE_integer("num_processes", None, "How many processes run this job.")
+flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled steps in JAX's persistent cache (under the project's cache "
                   "folder), so that a restart or resume of the same config skips the compile.")
@@ -65,7 +71,7 @@ def _console_logging(verbose: bool) -> None:
   log.setLevel(pylogging.INFO)
   log.propagate = False  # Not twice through absl's root handler.
   if not verbose:
-    for name in ("absl", "jax._src.xla_bridge", "asyncio"):
+    for name in ("absl", "jax._src.xla_bridge", "jax._src.distributed", "asyncio"):
       pylogging.getLogger(name).setLevel(pylogging.CRITICAL)
 
 
@@ -91,8 +97,12 @@ def main(argv):
   # Until the training loop takes Ctrl-C over (to save first), there is nothing
   # to save: leave at once, without unwinding through JAX or TensorFlow.
   signal.signal(signal.SIGINT, _leave_now)
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  launch = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")
+            if FLAGS[k].value is not None}
+  if launch or FLAGS.distributed:
+    jax.distributed.initialize(**launch)
+    if jax.process_index() != 0:  # Process 0 prints the progress; the others only problems.
+      pylogging.getLogger("fractrain_jax").setLevel(pylogging.WARNING)
   config_path = flags.FLAGS["config"].config_filename
   workdir = FLAGS.workdir or str(pathlib.Path("runs") / pathlib.Path(config_path).stem)
   pylogging.getLogger("fractrain_jax").info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
@@ -105,7 +115,8 @@ def main(argv):
     print(f"error: {err}", file=sys.stderr)
     return USAGE_ERROR
 
-  print(result)
+  if jax.process_index() == 0:
+    print(result)
   if "signal" in result:
     return 128 + result["signal"]  # The shell's convention: 130 after Ctrl-C.
   return 0

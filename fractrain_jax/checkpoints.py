@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fractrain_jax import data, methods, models, run_files, steps
+from fractrain_jax import data, methods, models, processes, run_files, steps
 from fractrain_jax.workdir import strict
 from fractrain_jax.errors import ResumeError, StorageError
 
@@ -132,8 +132,7 @@ class Checkpoints:
   """The workdir's Orbax checkpoints: a ``TrainState`` and a ``Progress`` per saved step.
 
   A checkpoint that does not restore (a truncated array file, missing
-  metadata) is moved aside into ``checkpoints_bad/`` and the next older one
-  is tried.
+  metadata) is moved aside into ``checkpoints_bad/`` when an older one does.
   """
 
   def __init__(self, workdir: pathlib.Path, keep: int):
@@ -192,12 +191,17 @@ class Checkpoints:
     return Progress.from_dict(out["meta"])
 
   def move_aside(self, step: int, why: str) -> pathlib.Path:
-    """Renames checkpoint ``step`` into ``checkpoints_bad/`` and reopens the manager."""
+    """Renames checkpoint ``step`` into ``checkpoints_bad/`` and reopens the manager.
+
+    With several processes, process 0 moves it and every process waits for that.
+    """
     bad_root = self.workdir / (run_files.CHECKPOINTS + "_bad")
-    bad_root.mkdir(exist_ok=True)
     target = bad_root / f"{step}-{why}-{time.strftime('%Y%m%d-%H%M%S')}"
     self.manager.close()  # Its view of the steps is stale once a folder moves.
-    shutil.move(str(self.directory / str(step)), str(target))
+    if processes.is_writer():
+      bad_root.mkdir(exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    processes.barrier(f"moved aside checkpoint {step}")
     self._open()
     return target
 
@@ -241,14 +245,31 @@ class Checkpoints:
       return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
 
   def restore(self, abstract_state) -> tuple[steps.TrainState | None, Progress | None]:
-    """The newest checkpoint that restores, with its Progress; (None, None) when there is none."""
+    """The newest checkpoint that restores, with its Progress; (None, None) when there is none.
+
+    Newer checkpoints that failed are moved aside once an older one restores. When
+    none restores the failure is the run's, not the files' (another topology, a
+    library that cannot read them): nothing is moved and ResumeError says why.
+    """
+    failed = []
     for step in self.steps():
       try:
-        return self._restore_state(step, abstract_state)
+        restored, error = self._restore_state(step, abstract_state), None
       except Exception as err:  # pylint: disable=broad-except
-        moved = self.move_aside(step, "unreadable")
-        log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
-                    "trying the previous one", step, one_line(err), moved)
+        restored, error = None, err
+      # Every process goes on from the same checkpoint: one that failed anywhere is bad.
+      if not processes.agree_any(error is not None):
+        for bad, why in failed:
+          moved = self.move_aside(bad, "unreadable")
+          log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
+                      "resumed from step %d", bad, why, moved, step)
+        return restored
+      failed.append((step, one_line(error) if error is not None else
+                     "it failed in another process"))
+    if failed:
+      step, why = failed[0]
+      raise ResumeError(f"no checkpoint in {self.directory} restores (step {step}: {why}); "
+                        "nothing was moved")
     return None, None
 
   def latest_step(self) -> int | None:

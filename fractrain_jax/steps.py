@@ -36,7 +36,7 @@ from flax import nnx
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fractrain_jax import cost, data, dfq, methods, optim
+from fractrain_jax import cost, data, dfq, methods, optim, processes
 from fractrain_jax.methods import Precision
 
 @struct.dataclass
@@ -112,7 +112,10 @@ class Trainer:
     return jax.device_put(state, self.replicated)
 
   def abstract_state(self) -> TrainState:
-    return jax.eval_shape(lambda: self.init_state(0))
+    """The state's shapes on this run's devices: Orbax restores a checkpoint saved on
+    another topology (other processes, other devices) into this sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                        jax.eval_shape(lambda: self.init_state(0)))
 
   def put_replicated(self, tree):
     return jax.device_put(tree, self.replicated)
@@ -242,17 +245,20 @@ class Trainer:
           in_shardings=(r, b, b, b), out_shardings=r)
     return self._eval_steps[precision]
 
-  def evaluate(self, state, batches, precision: Precision) -> dict[str, float]:
+  def evaluate(self, state, batches, precision: Precision, *,
+               local: bool = False) -> dict[str, float]:
     """Test loss and accuracy (%) over ``(inputs, targets, valid)`` batches of one shape.
+
+    local: the batches hold this process's rows only (a stream that decoded only
+    them); otherwise every process holds the whole batch and feeds its rows.
 
     For the LM the mean is over every valid token (accuracy is the share of
     tokens predicted right), and ``test_ppl`` is ``exp`` of that mean loss.
     """
     step = self.eval_step(precision)
-    put = lambda a: jax.device_put(a, self.batch_sharding)
     totals = None
-    for x, y, valid in batches:
-      out = step(state, put(x), put(y), put(valid))
+    for batch in batches:
+      out = step(state, *processes.global_batch(self.batch_sharding, batch, local=local))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     n = max(int(totals["count"]), 1)

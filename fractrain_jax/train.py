@@ -18,12 +18,14 @@ first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import logging
 import math
 import pathlib
+import signal
 import time
 from typing import Any, Iterator
 
@@ -35,8 +37,9 @@ import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fractrain_jax import (config_check, console, cost, data, dfq, divergence, methods, pfq,
-                           run_files, steps)
+                           processes, run_files, steps)
 from fractrain_jax import workdir as run_record
+from fractrain_jax import run_summary
 from fractrain_jax.checkpoints import Checkpoints, Progress, run_identity
 from fractrain_jax.console import RunLog, Speed, StopRequests, hms
 from fractrain_jax.errors import ConfigError, ResumeError
@@ -124,7 +127,7 @@ def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:
   if method.gated:
     method.log_reachable_targets(config)
   return RunSetup(config, method, workdir, source, trainer, plain_layers, checkpoints,
-                  run_record.MetricsFile(workdir))
+                  run_record.MetricsFile(workdir, write=processes.is_writer()))
 
 
 def _train_batches(setup: RunSetup, start_step: int) -> Iterator[Any]:
@@ -138,14 +141,18 @@ def _train_batches(setup: RunSetup, start_step: int) -> Iterator[Any]:
   if trainer.data_on_device:
     return itertools.repeat(trainer.put_replicated(source.train_arrays()))
   c = setup.config
+  rows = processes.local_rows(c.train.batch_size)  # This process decodes only its rows.
   return data.prefetch_to_device(
-      source.train_batches(c.train.batch_size, seed=c.seed, start_step=start_step),
-      trainer.batch_sharding)
+      source.train_batches(c.train.batch_size, seed=c.seed, start_step=start_step, rows=rows),
+      trainer.batch_sharding, local=True)
 
 
 def _evaluate(setup: RunSetup, state, precision: methods.Precision) -> dict[str, float]:
-  batches = setup.source.test_batches(setup.config.train.eval_batch_size)
-  return setup.trainer.evaluate(state, batches, precision)
+  size = setup.config.train.eval_batch_size
+  if setup.trainer.data_on_device:  # Whole batches on every host; each feeds its rows.
+    return setup.trainer.evaluate(state, setup.source.test_batches(size), precision)
+  batches = setup.source.test_batches(size, rows=processes.local_rows(size))
+  return setup.trainer.evaluate(state, batches, precision, local=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -160,16 +167,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   config_check.validate(config)
   workdir = config_check.check_workdir(workdir)
   run_record.check_writable(workdir)
+  # With several processes, process 0 alone holds the lock and writes the record.
+  writer = processes.is_writer()
   made = [f for f in (run_files.CHECKPOINTS, run_files.TENSORBOARD) if not (workdir / f).exists()]
-  with run_record.Lock(workdir):
+  with run_record.Lock(workdir) if writer else contextlib.nullcontext():
     checkpoints = Checkpoints(workdir, config.checkpoint.keep)
     try:
       # A workdir of another run is refused before anything in it is written.
       checkpoints.check_identity(run_identity(config))
-      with RunLog(workdir):
+      with RunLog(workdir) if writer else contextlib.nullcontext():
         return _train(_setup(config, workdir, checkpoints), stop_at)
     finally:
-      for folder in made:  # A start that failed leaves no empty folder it made.
+      for folder in made if writer else ():  # A failed start leaves no empty folder it made.
         if (workdir / folder).is_dir() and not any((workdir / folder).iterdir()):
           (workdir / folder).rmdir()
 
@@ -177,20 +186,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
   """train_and_evaluate once the workdir is known to be this run's."""
   config, trainer, workdir = setup.config, setup.trainer, setup.workdir
-  had_checkpoints = bool(setup.checkpoints.steps())
   state, progress = setup.checkpoints.restore(trainer.abstract_state())
-  if state is None and had_checkpoints:
-    raise ResumeError(f"no checkpoint in {setup.checkpoints.directory} restores; they were "
-                      f"moved to {workdir / run_record.BAD_CHECKPOINTS}; use a new --workdir")
   summary_path = workdir / run_files.SUMMARY
   if state is not None and int(state.step) >= setup.total_iters:
     return _finished(setup, progress, int(state.step))
   # The record restarts at the restored step: nothing written after it stays.
   setup.metrics.align(0 if state is None else int(state.step),
                       None if progress is None else progress.record)
-  if summary_path.exists():
-    summary_path.unlink()
-  run_record.write_json(workdir / run_files.CONFIG, json.loads(config.to_json_best_effort()))
+  if processes.is_writer():
+    if summary_path.exists():
+      summary_path.unlink()
+    run_record.write_json(workdir / run_files.CONFIG, json.loads(config.to_json_best_effort()))
   if state is None:
     state, progress = trainer.init_state(config.seed), Progress(identity=run_identity(config))
     log.info("Starting %s %s in %s", config.method, config.model.name, workdir)
@@ -210,8 +216,9 @@ def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
     log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
                 "resume", step)
     return {"stopped_at": step}
-  summary = _summary(setup, progress)
-  run_record.write_json(summary_path, summary)
+  summary = run_summary.summary(setup, progress)
+  if processes.is_writer():
+    run_record.write_json(summary_path, summary)
   result = (f"perplexity {summary['final_test_ppl']:.2f} (best {summary['best_test_ppl']:.2f})"
             if "final_test_ppl" in summary else
             f"accuracy {summary['final_test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%)")
@@ -235,8 +242,9 @@ def _finished(setup: RunSetup, progress: Progress, step: int) -> dict[str, Any]:
   # The last checkpoint was committed but a crash lost the summary: write it now.
   setup.metrics.align(step, progress.record)
   setup.metrics.close()
-  summary = _summary(setup, progress)
-  run_record.write_json(path, summary)
+  summary = run_summary.summary(setup, progress)
+  if processes.is_writer():
+    run_record.write_json(path, summary)
   return summary
 
 
@@ -252,7 +260,8 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
   previous = None  # The last step's metrics, checked while the next step runs.
   step = first
   bar = tqdm.tqdm(total=setup.total_iters, initial=first,
-                  desc=f"{config.method} {config.model.name}", dynamic_ncols=True, disable=None)
+                  desc=f"{config.method} {config.model.name}", dynamic_ncols=True,
+                  disable=None if processes.is_writer() else True)
   batches = _train_batches(setup, first)
   # Console log lines go through the bar while it is drawn, so neither overwrites the other.
   with StopRequests() as stop, logging_redirect_tqdm([logging.getLogger("fractrain_jax")]):
@@ -282,7 +291,8 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
         bar.update(1)
         step += 1
         at_eval = step % config.train.eval_every == 0 or step == setup.total_iters
-        if step % config.train.log_every == 0 or at_eval or step == first + 1:
+        flushed = step % config.train.log_every == 0 or at_eval or step == first + 1
+        if flushed:
           interval.flush()
           cp = interval.mean("steer_cp") or interval.mean("model_cp")
           bar.set_postfix(loss=f"{interval.mean('ce'):.3f}",
@@ -305,15 +315,20 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
               record, setup.total_iters, setup.method.event_parts(record),
               _throughput(setup, speed.per_second(step, bs)), speed.eta(step, setup.total_iters)))
           interval = IntervalMetrics()
-        elif stop.requested or step == stop_at:
+        # Several processes stop at one step: they agree where the loop waits for the
+        # steps anyway (a signal may have reached only one of them).
+        stopping = (stop.requested if processes.count() == 1
+                    else flushed and processes.agree_any(stop.requested))
+        if not at_eval and (stopping or step == stop_at):
           progress.wall_s = wall_base + time.perf_counter() - t_start
           progress.indicator, progress.interval = indicator.state_dict(), interval.state_dict()
           progress.train_loss = interval.mean("ce")
           setup.checkpoints.save(step, state, progress)
-        if stop.requested:
+        if stopping:
+          signum = stop.signum or signal.SIGTERM  # The signal reached another process.
           log.warning("Stopped at step %d with a checkpoint (signal %d); run again with the "
-                      "same workdir to resume", step, stop.signum)
-          return state, step, {"stopped_at": step, "signal": stop.signum}
+                      "same workdir to resume", step, signum)
+          return state, step, {"stopped_at": step, "signal": signum}
     finally:
       bar.close()
       if hasattr(batches, "close"):  # Stop a stream's prefetch thread reading ahead.
@@ -357,7 +372,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict,
   setup = _setup(config, workdir, checkpoints)
   state, progress = checkpoints.restore(setup.trainer.abstract_state())
   if state is None:
-    raise ResumeError(f"no checkpoint in {workdir / run_files.CHECKPOINTS} restores")
+    raise ResumeError(f"no checkpoint in {workdir / run_files.CHECKPOINTS}: train there first")
   state = setup.trainer.put_replicated(state)
   precision = setup.method.step_precision(config, progress.stage, progress.phase)
   ev = _evaluate(setup, state, precision)
@@ -418,31 +433,3 @@ def _end_interval(setup: RunSetup, progress: Progress, indicator: pfq.TurningPoi
   setup.checkpoints.save(step, state, progress)
   setup.metrics.append(record)
   return record
-
-
-def _summary(setup: RunSetup, progress: Progress) -> dict[str, Any]:
-  """The run's results; an LM's adds its test loss and perplexity (final and best)."""
-  config = setup.config
-  samples = setup.total_iters * config.train.batch_size
-  lm = {}
-  if setup.trainer.task == "lm":
-    lm = {"final_test_loss": progress.last_test_loss, "best_test_loss": progress.best_test_loss,
-          "final_test_ppl": steps.perplexity(progress.last_test_loss),
-          "best_test_ppl": steps.perplexity(progress.best_test_loss)}
-  return {**lm,
-      "method": config.method, "model": config.model.name, "dataset": config.data.dataset,
-      "iters": setup.total_iters, "final_test_acc": progress.last_test_acc,
-      "best_test_acc": progress.best_test_acc, "total_cost": sum(progress.cost),
-      "cost_fw": progress.cost[0], "cost_eb": progress.cost[1], "cost_gc": progress.cost[2],
-      "cost_paper": progress.cost_paper,
-      "cost_fp32": cost.fp32_cost(setup.plain_layers).total * samples,
-      "cost_sbm8": cost.static_cost(setup.plain_layers, (8, 8)).total * samples,
-      # The layers this run quantizes, alone, and the same layers at SBM 8/8.
-      "cost_quantized": progress.cost_quantized,
-      "cost_quantized_sbm8": (cost.sbm8_quantized_cost(setup.trainer.layers).total
-                              * samples),
-      "mean_model_cp": progress.model_cp_sum / max(progress.cp_steps, 1),
-      "mean_steer_cp": (progress.steer_cp_sum / progress.steer_cp_steps
-                        if progress.steer_cp_steps else None),
-      "turning_points": progress.turning_points, "wall_s": progress.wall_s,
-  }

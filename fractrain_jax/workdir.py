@@ -168,9 +168,13 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class MetricsFile:
-  """``metrics.jsonl`` and the TensorBoard history it mirrors, kept one line per evaluated step."""
+  """``metrics.jsonl`` and the TensorBoard history it mirrors, kept one line per evaluated step.
 
-  def __init__(self, workdir: pathlib.Path):
+  write: False in every process but the one that writes the record (several processes).
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, write: bool = True):
+    self.write = write
     self.path = workdir / run_files.METRICS
     self.tensorboard_dir = workdir / run_files.TENSORBOARD
     self.tensorboard: TensorBoardWriter | None = None
@@ -198,6 +202,8 @@ class MetricsFile:
     if record is not None and record.get("step", step + 1) <= step:
       by_step[record["step"]] = strict(record)
     lines = [by_step[s] for s in sorted(by_step)]
+    if not self.write:
+      return lines
     if lines or self.path.exists():
       with storage(self.path, "the metrics file"):
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -218,6 +224,8 @@ class MetricsFile:
 
   def append(self, record: dict[str, Any]) -> None:
     """Adds one evaluation's line (after its checkpoint is committed) and its scalars."""
+    if not self.write:
+      return
     with storage(self.path, "the metrics file"):
       with open(self.path, "a") as f:
         f.write(dumps(record) + "\n")

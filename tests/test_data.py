@@ -4,12 +4,14 @@ Datasets come from `tfds.testing.mock_data` or from tiny image folders written
 here; nothing is downloaded.
 """
 
+import itertools
 import logging
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import chex
@@ -603,6 +605,32 @@ def test_imagenet_stream_on_mock_data_is_resumable(tmp_path):
   np.testing.assert_array_equal(tests[-1][2], [True, True, False, False, False])
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_imagenet_stream_rows_of_each_process_stack_to_the_whole_batch(tmp_path, parts):
+  # Several processes: each decodes only its rows; stacked they are the one-process batch,
+  # augmentation included, from any step, and the padded test batches too.
+  with tfds.testing.mock_data(num_examples=12):
+    stream = data.StreamData("imagenet2012", data_dir=str(tmp_path), image_size=16,
+                             shuffle_buffer=8)
+    size = 6
+    rows = [slice(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+    for start in (0, 3):
+      whole = stream.train_batches(size, seed=0, start_step=start)
+      shares = [stream.train_batches(size, seed=0, start_step=start, rows=r) for r in rows]
+      for _ in range(3):
+        want = next(whole)
+        got = [next(share) for share in shares]
+        for field in range(2):
+          np.testing.assert_array_equal(np.concatenate([g[field] for g in got]), want[field])
+    want = list(stream.test_batches(5))
+    rows = [slice(i * 5 // parts, (i + 1) * 5 // parts) for i in range(parts)]
+    got = [list(stream.test_batches(5, rows=r)) for r in rows]
+  assert [len(g) for g in got] == [len(want)] * parts
+  for b, batch in enumerate(want):
+    for field in range(3):
+      np.testing.assert_array_equal(np.concatenate([g[b][field] for g in got]), batch[field])
+
+
 def test_prefetch_to_device_places_batches_and_forwards_errors():
   mesh = jax.make_mesh((2,), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -621,6 +649,28 @@ def test_prefetch_to_device_places_batches_and_forwards_errors():
   it = data.prefetch_to_device(failing(), sharding)
   next(it)
   with pytest.raises(OSError, match="disk gone"):
+    next(it)
+
+
+@pytest.mark.parametrize("taken", [0, 1])
+def test_closing_the_prefetch_waits_for_its_thread(taken):
+  # A thread left inside tf.data at interpreter exit aborts the process: close() must
+  # let the batch being read finish and the thread end, also before the first batch.
+  reading = threading.Event()
+
+  def slow():
+    for i in itertools.count():
+      reading.set()
+      time.sleep(0.3)
+      yield np.full((2,), i, np.float32)
+
+  it = data.prefetch_to_device(slow(), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  for _ in range(taken):
+    next(it)
+  reading.wait()
+  it.close()
+  assert not it.thread.is_alive()
+  with pytest.raises(StopIteration):
     next(it)
 
 

@@ -128,10 +128,14 @@ def test_nothing_restorable_is_refused_and_the_record_kept(tmp_path):
     if step_dir.name.isdigit():
       (step_dir / "meta" / "metadata").unlink()
   config.train.iters = 8
-  with pytest.raises(errors.ResumeError, match="no checkpoint in .* restores; they were moved "
-                                                "to .*checkpoints_bad; use a new --workdir"):
+  kept = sorted(p.name for p in (tmp_path / run_files.CHECKPOINTS).iterdir())
+  with pytest.raises(errors.ResumeError, match=r"no checkpoint in .* restores \(step 4: .*\); "
+                                                "nothing was moved"):
     run_mock(config, tmp_path)
   assert {f: (tmp_path / f).read_text() for f in before} == before
+  # A failure of every checkpoint is not the files' fault (another library, say): none moves.
+  assert sorted(p.name for p in (tmp_path / run_files.CHECKPOINTS).iterdir()) == kept
+  assert not (tmp_path / "checkpoints_bad").exists()
 
 
 @pytest.mark.parametrize("iters", [4, 3])

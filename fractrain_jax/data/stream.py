@@ -37,6 +37,15 @@ def _split_size(builder: Any, split: str) -> int:
   return n
 
 
+def _rows_only(ds: Any, batch_size: int, rows: slice | None) -> tuple[Any, int]:
+  """Keeps the ``(position, example)`` pairs in ``rows`` of each batch of ``batch_size``;
+  returns the dataset and the rows per batch."""
+  if rows is None or (rows.start, rows.stop) == (0, batch_size):
+    return ds, batch_size
+  start, stop = rows.start, rows.stop
+  return ds.filter(lambda i, _: (i % batch_size >= start) & (i % batch_size < stop)), stop - start
+
+
 class StreamData:
   """A tfds image-classification dataset read batch by batch (imagenet2012).
 
@@ -140,8 +149,12 @@ class StreamData:
         decoders={"image": tfds.decode.SkipDecoding()})
 
   def train_epoch(self, batch_size: int, seed: int, epoch: int,
-                  skip_batches: int = 0) -> Any:
-    """The tf.data.Dataset of one epoch's training batches, from batch `skip_batches` on."""
+                  skip_batches: int = 0, rows: slice | None = None) -> Any:
+    """The tf.data.Dataset of one epoch's training batches, from batch `skip_batches` on.
+
+    rows: only these rows of every batch (this process's, with several
+    processes): the other examples are read but never decoded.
+    """
     tf = _tf()
     steps = self.steps_per_epoch(batch_size)
     if not 0 <= skip_batches <= steps:
@@ -150,46 +163,52 @@ class StreamData:
     ds = self._read(self.train_split, shuffle_seed=epoch_seed)
     ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(steps * batch_size).enumerate().skip(skip_batches * batch_size)
+    ds, per_batch = _rows_only(ds, batch_size, rows)
     ds = ds.map(functools.partial(self._train_example, seed=seed, epoch=epoch),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(per_batch, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
-  def train_batches(self, batch_size: int, seed: int,
-                    start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  def train_batches(self, batch_size: int, seed: int, start_step: int = 0,
+                    rows: slice | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless training batches `(images, labels)` from step `start_step` on.
 
     Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`,
     and each epoch's order is fixed by `(seed, epoch)`: resuming at step `k`
-    yields what a fresh iterator yields as its k-th batch.
+    yields what a fresh iterator yields as its k-th batch. rows: only these
+    rows of each batch (``train_epoch``).
     """
     if start_step < 0:
       raise ValueError(f"start_step={start_step} must be >= 0")
     steps = self.steps_per_epoch(batch_size)
     first_epoch, skip = divmod(start_step, steps)
     for epoch in itertools.count(first_epoch):
-      ds = self.train_epoch(batch_size, seed, epoch, skip if epoch == first_epoch else 0)
+      ds = self.train_epoch(batch_size, seed, epoch, skip if epoch == first_epoch else 0, rows)
       yield from ds.as_numpy_iterator()
 
-  def test_batches(
-      self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  def test_batches(self, batch_size: int, rows: slice | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """All test examples in order as `(images, labels, valid)` batches of `batch_size`.
 
     The last batch is padded to full size (zero images, label 0) so that every
     batch has one shape; `valid` (bool `(batch,)`) marks the real examples.
+    rows: only these rows of every batch, decoding only their examples.
     """
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     tf = _tf()
-    ds = self._read(self.test_split)
-    ds = ds.map(self._test_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda image, label: (image, label, True))
+    ds = self._read(self.test_split).map(lambda jpeg, label: (jpeg, label, True))
     padding = (-self.num_test) % batch_size
-    if padding:
-      blank = (tf.zeros([self.image_size, self.image_size, 3], tf.float32),
-               tf.constant(0, tf.int32), False)
+    if padding:  # Blank records, "decoded" as zero images.
+      blank = (tf.constant(b""), tf.constant(0, tf.int64), False)
       ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds, per_batch = _rows_only(ds.enumerate(), batch_size, rows)
+    zeros = tf.zeros([self.image_size, self.image_size, 3], tf.float32)
+    ds = ds.map(lambda _, example: tf.cond(
+        example[2], lambda: (*self._test_example(example[0], example[1]), True),
+        lambda: (zeros, tf.constant(0, tf.int32), False)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.as_numpy_iterator()
