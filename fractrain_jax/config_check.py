@@ -12,7 +12,6 @@ from __future__ import annotations
 import numbers
 import os
 import pathlib
-import tempfile
 from typing import Any, Sequence
 
 import ml_collections
@@ -20,6 +19,7 @@ import ml_collections
 # Accepted values come from the modules that own them, so they cannot drift apart.
 from fractrain_jax import cost, data, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError
+from fractrain_jax.workdir import probe_write
 from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
 
@@ -279,12 +279,7 @@ def check_workdir(path: str | os.PathLike) -> pathlib.Path:
   workdir = pathlib.Path(path).expanduser().absolute()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
-    try:
-      os.write(fd, b"ok")
-    finally:
-      os.close(fd)
-      os.remove(probe)
+    probe_write(workdir)
   except OSError as e:
     reason = os.strerror(e.errno) if e.errno else str(e)
     raise ConfigError(f"cannot write the workdir {workdir}: {reason}") from None

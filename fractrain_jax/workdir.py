@@ -100,12 +100,17 @@ def check_writable(workdir: pathlib.Path) -> None:
     if folder.exists() and not folder.is_dir():
       raise StorageError(f"cannot write the folder {folder}: it is a file")
     with storage(folder, "the folder"):
-      fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=target)
-      try:
-        os.write(fd, b"ok")
-      finally:
-        os.close(fd)
-        os.remove(probe)
+      probe_write(target)
+
+
+def probe_write(folder: pathlib.Path) -> None:
+  """Writes and removes a small file in ``folder``; raises OSError where that fails."""
+  fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=folder)
+  try:
+    os.write(fd, b"ok")
+  finally:
+    os.close(fd)
+    os.remove(probe)
 
 
 def _holder(text: str) -> dict[str, str]:
