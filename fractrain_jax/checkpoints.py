@@ -195,7 +195,7 @@ class Checkpoints:
 
     With several processes, process 0 moves it and every process waits for that.
     """
-    bad_root = self.workdir / (run_files.CHECKPOINTS + "_bad")
+    bad_root = self.workdir / run_files.BAD_CHECKPOINTS
     target = bad_root / f"{step}-{why}-{time.strftime('%Y%m%d-%H%M%S')}"
     self.manager.close()  # Its view of the steps is stale once a folder moves.
     if processes.is_writer():
@@ -271,7 +271,4 @@ class Checkpoints:
       raise ResumeError(f"no checkpoint in {self.directory} restores (step {step}: {why}); "
                         "nothing was moved")
     return None, None
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
 

@@ -61,7 +61,7 @@ def error(config: ml_collections.ConfigDict, what: str, kept: tuple[int, float] 
   c = config
   where = (f"kept the checkpoint of step {kept[0]} (training loss {kept[1]:.3g})" if kept
            else "no checkpoint before it had a sane training loss")
-  aside = (f"; moved aside step {', '.join(moved)} to {run_files.CHECKPOINTS}_bad/"
+  aside = (f"; moved aside step {', '.join(moved)} to {run_files.BAD_CHECKPOINTS}/"
            if moved else "")
   again = "resume from that checkpoint" if kept else "start over"
   return NonFiniteError(

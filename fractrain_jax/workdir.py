@@ -45,7 +45,6 @@ from fractrain_jax.tensorboard_writer import TensorBoardWriter
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
-BAD_CHECKPOINTS = run_files.CHECKPOINTS + "_bad"
 
 
 def strict(obj: Any) -> Any:
@@ -94,7 +93,7 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
 def check_writable(workdir: pathlib.Path) -> None:
   """Proves every folder the run writes writable (or creatable); StorageError names the first
   that is not."""
-  for folder in (workdir, workdir / run_files.CHECKPOINTS, workdir / BAD_CHECKPOINTS,
+  for folder in (workdir, workdir / run_files.CHECKPOINTS, workdir / run_files.BAD_CHECKPOINTS,
                  workdir / run_files.TENSORBOARD):
     target = folder if folder.exists() else folder.parent
     if folder.exists() and not folder.is_dir():
