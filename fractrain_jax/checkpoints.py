@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from fractrain_jax import data, methods, models, processes, run_files, steps
 from fractrain_jax.workdir import strict
-from fractrain_jax.errors import ResumeError, StorageError
+from fractrain_jax.errors import ResumeError, StorageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,6 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     identity["splits"] = [config.data.text_train, config.data.text_test]
   identity.update(methods.get(config.method).identity(config))
   return identity
-
-
-def one_line(err: BaseException) -> str:
-  """An exception as ``Type: first line``, at most 300 characters."""
-  text = str(err).strip().splitlines()
-  return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _reason(err: BaseException) -> str:

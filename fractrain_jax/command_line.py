@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from fractrain_jax.errors import one_line
+
 CONFIG_FLAG = "--config"
 
 
@@ -77,8 +79,7 @@ def _where(err: BaseException, file: pathlib.Path, what: str) -> str:
   line = next((f.lineno for f in reversed(traceback.extract_tb(err.__traceback__))
                if pathlib.Path(f.filename).resolve() == file.resolve()), None)
   place = f"{file}:{line}: " if line else ""
-  text = str(err).strip().splitlines()
-  return f"{place}{type(err).__name__}: {text[0] if text else ''} ({what})"
+  return f"{place}{one_line(err, limit=None)} ({what})"
 
 
 def check(argv: Sequence[str]) -> str | None:

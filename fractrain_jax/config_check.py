@@ -18,7 +18,7 @@ import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
 from fractrain_jax import cost, data, methods, models, optim, quant
-from fractrain_jax.errors import ConfigError
+from fractrain_jax.errors import ConfigError, os_reason
 from fractrain_jax.workdir import probe_write
 from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
@@ -281,6 +281,5 @@ def check_workdir(path: str | os.PathLike) -> pathlib.Path:
     workdir.mkdir(parents=True, exist_ok=True)
     probe_write(workdir)
   except OSError as e:
-    reason = os.strerror(e.errno) if e.errno else str(e)
-    raise ConfigError(f"cannot write the workdir {workdir}: {reason}") from None
+    raise ConfigError(f"cannot write the workdir {workdir}: {os_reason(e)}") from None
   return workdir

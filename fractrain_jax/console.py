@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from fractrain_jax import run_files
-from fractrain_jax.errors import UserError
+from fractrain_jax.errors import UserError, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,8 @@ class RunLog:
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
       # The error that ended the run, in the file only: the console gets it from main.py.
-      text = str(exc).strip().splitlines()
-      message = f"error: {text[0] if text else type(exc).__name__}"
-      if not isinstance(exc, UserError):
-        message = f"crashed: {type(exc).__name__}: {text[0] if text else ''}"
+      message = (f"error: {first_line(exc) or type(exc).__name__}" if isinstance(exc, UserError)
+                 else f"crashed: {one_line(exc, limit=None)}")
       self.handler.emit(logging.LogRecord(self.logger.name, logging.ERROR, __file__, 0,
                                           message, None, None))
     self.logger.removeHandler(self.handler)

@@ -3,10 +3,13 @@
 Entry points print these as one line (``error: ...``) and exit 2; anything
 else keeps its traceback. Each subclasses the built-in type it replaces, so
 ``except ValueError`` and ``pytest.raises(FileNotFoundError)`` still catch
-them.
+them. ``first_line``, ``one_line`` and ``os_reason`` are how any error is
+shortened to such a line.
 """
 
 from __future__ import annotations
+
+import os
 
 
 class UserError(Exception):
@@ -39,3 +42,19 @@ class StorageError(UserError, OSError):
 
 class WorkdirInUseError(UserError, RuntimeError):
   """Another process is running in the workdir (its pid and host are named)."""
+
+
+def first_line(err: BaseException) -> str:
+  """The first line of an error's message ("" when it has none)."""
+  text = str(err).strip().splitlines()
+  return text[0] if text else ""
+
+
+def one_line(err: BaseException, limit: int | None = 300) -> str:
+  """An exception as ``Type: first line``, at most ``limit`` characters (None: whole)."""
+  return f"{type(err).__name__}: {first_line(err)}"[:limit]
+
+
+def os_reason(err: OSError) -> str:
+  """The OS's words for an OSError (``No space left on device``), else its message."""
+  return os.strerror(err.errno) if err.errno else str(err)

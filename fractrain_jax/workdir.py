@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from fractrain_jax import run_files
-from fractrain_jax.errors import StorageError, WorkdirInUseError
+from fractrain_jax.errors import StorageError, WorkdirInUseError, os_reason
 from fractrain_jax.tensorboard_writer import TensorBoardWriter
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def storage(path: pathlib.Path | str, what: str) -> Iterator[None]:
   except OSError as err:
     if isinstance(err, StorageError):
       raise
-    reason = os.strerror(err.errno) if err.errno else str(err)
-    raise StorageError(f"cannot write {what} {path}: {reason}") from None
+    raise StorageError(f"cannot write {what} {path}: {os_reason(err)}") from None
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
