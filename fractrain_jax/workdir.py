@@ -75,18 +75,24 @@ def storage(path: pathlib.Path | str, what: str) -> Iterator[None]:
     raise StorageError(f"cannot write {what} {path}: {os_reason(err)}") from None
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Writes ``obj`` to ``path`` as indented strict JSON, atomically (a temporary file renamed)."""
-  with storage(path, "the file"):
+def replace_text(path: pathlib.Path, text: str, what: str) -> None:
+  """Writes ``text`` to ``path`` atomically (a temporary file beside it, renamed): a crash
+  leaves the old file or the new one, never a part."""
+  with storage(path, what):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
       with os.fdopen(fd, "w") as f:
-        f.write(dumps(obj, indent=2) + "\n")
+        f.write(text)
       os.replace(tmp, path)
     except BaseException:
       with contextlib.suppress(OSError):
         os.remove(tmp)
       raise
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes ``obj`` to ``path`` as indented strict JSON, atomically."""
+  replace_text(path, dumps(obj, indent=2) + "\n", "the file")
 
 
 def check_writable(workdir: pathlib.Path) -> None:
@@ -208,11 +214,7 @@ class MetricsFile:
     if not self.write:
       return lines
     if lines or self.path.exists():
-      with storage(self.path, "the metrics file"):
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-          f.writelines(dumps(line) + "\n" for line in lines)
-        os.replace(tmp, self.path)
+      replace_text(self.path, "".join(dumps(line) + "\n" for line in lines), "the metrics file")
     self._rebuild_tensorboard(lines)
     return lines
 
