@@ -206,7 +206,7 @@ class Trainer:
                               opt_state=opt_state)
     metrics["lr"] = optim.current_lr(opt_state)
     # Checked at every step with the loss terms (divergence.py): a cheap reduction.
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    metrics["grad_norm"] = optax.global_norm(grads)
     return new_state, metrics
 
   def train_step(self, precision: Precision):

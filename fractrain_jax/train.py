@@ -216,9 +216,7 @@ def _train(setup: RunSetup, stop_at: int | None) -> dict[str, Any]:
     log.warning("Stopped at step %d with a checkpoint; run again with the same workdir to "
                 "resume", step)
     return {"stopped_at": step}
-  summary = run_summary.summary(setup, progress)
-  if processes.is_writer():
-    run_record.write_json(summary_path, summary)
+  summary = _write_summary(setup, progress)
   result = (f"perplexity {summary['final_test_ppl']:.2f} (best {summary['best_test_ppl']:.2f})"
             if "final_test_ppl" in summary else
             f"accuracy {summary['final_test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%)")
@@ -242,9 +240,14 @@ def _finished(setup: RunSetup, progress: Progress, step: int) -> dict[str, Any]:
   # The last checkpoint was committed but a crash lost the summary: write it now.
   setup.metrics.align(step, progress.record)
   setup.metrics.close()
+  return _write_summary(setup, progress)
+
+
+def _write_summary(setup: RunSetup, progress: Progress) -> dict[str, Any]:
+  """The run's summary, written to summary.json (by the writing process)."""
   summary = run_summary.summary(setup, progress)
   if processes.is_writer():
-    run_record.write_json(path, summary)
+    run_record.write_json(setup.workdir / run_files.SUMMARY, summary)
   return summary
 
 
@@ -298,9 +301,7 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
           bar.set_postfix(loss=f"{interval.mean('ce'):.3f}",
                           acc=f"{100 * interval.mean('correct') / bs:.1f}",
                           cp=f"{cp:.2f}", stage=progress.stage, refresh=False)
-          if bar.disable and not at_eval and (step % config.train.log_every == 0
-                                              or step == first + 1):
-            # No terminal, no bar: the same figures as a log line.
+          if bar.disable and not at_eval:  # No terminal, no bar: its figures as a log line.
             log.info(console.progress_line(
                 step, setup.total_iters, interval.mean("ce"),
                 100 * interval.mean("correct") / bs, cp,
