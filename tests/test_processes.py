@@ -20,7 +20,7 @@ import time
 import pytest
 
 from fractrain_jax import run_files
-from test_train import _image_folder
+from test_train import _image_folder, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,11 +87,6 @@ def _one(run_dir, folder, recipe, iters, *extra, devices=4, mock=False):
   return done
 
 
-def _lines(run_dir):
-  return [json.loads(l) for l in (pathlib.Path(run_dir) / run_files.METRICS).read_text()
-          .splitlines()]
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   return _image_folder(tmp_path_factory.mktemp("images") / "f", per_class=4)
@@ -112,7 +107,7 @@ def test_two_processes_train_the_one_process_run_and_write_each_file_once(
   for code, _, err in results:
     assert code == 0, err[-3000:]
   _one(tmp_path / "one", folder, recipe, 4)
-  two, one = _lines(tmp_path / "two"), _lines(tmp_path / "one")
+  two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
   assert [l["step"] for l in two] == [2, 4]  # Each line once.
   for a, b in zip(one, two):
     for key in ("train_loss", "test_loss", "model_cp"):
@@ -137,7 +132,7 @@ def test_two_processes_each_decode_their_rows_of_the_imagenet_stream(tmp_path):
   for code, _, err in results:
     assert code == 0, err[-3000:]
   _one(tmp_path / "one", None, "fp32", 2, *extra, mock=True)
-  (two,), (one,) = _lines(tmp_path / "two"), _lines(tmp_path / "one")
+  (two,), (one,) = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
   assert json.loads((tmp_path / "two" / run_files.SUMMARY).read_text())["dataset"] == "imagenet2012"
   for key in ("train_loss", "test_loss", "test_acc"):
     assert two[key] == pytest.approx(one[key], rel=1e-5), (key, one[key], two[key])
@@ -168,6 +163,6 @@ def test_a_signal_to_one_process_stops_both_and_the_run_resumes_across_topologie
   for code, _, err in results:
     assert code == 0, err[-3000:]
   assert f"from step {saved + 2}" in results[0][2]
-  lines = _lines(run_dir)
+  lines = read_metrics(run_dir)
   assert [l["step"] for l in lines] == sorted({l["step"] for l in lines})
   assert lines[-1]["step"] == saved + 4
