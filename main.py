@@ -5,7 +5,9 @@ r"""Trains (or evaluates) one FracTrain run.
 The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10,
 cifar100 and wikitext103 (the Transformer LM), and frac_imagenet.
 Common overrides:
-  --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50
+  --config.model.name=resnet74          resnet8/20/38/74/110/152, mobilenet_v2, resnet18/34/50,
+                                        transformer_lm, or package.module:factory: a model
+                                        of your own (config.model.blocks, .quantize, .options)
   --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS),
                                         text:PATH (a WikiText folder, the LM's)
   --config.train.iters=2000             iterations (the paper: 64,000)
@@ -144,6 +146,9 @@ def _early_exit(argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
+  # config.model.name='package.module:factory' imports from where the command runs, as
+  # `python -m` would.
+  sys.path.insert(0, os.getcwd())
   status = _early_exit(sys.argv)
   if status is not None:
     sys.exit(status)

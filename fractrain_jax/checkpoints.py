@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fractrain_jax import data, methods, models, processes, run_files, steps
+from fractrain_jax import attach, data, methods, models, processes, run_files, steps
 from fractrain_jax.workdir import strict
 from fractrain_jax.errors import ResumeError, StorageError, one_line
 
@@ -90,6 +90,14 @@ def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.model.name == models.LM:  # Its shape, and which split trains.
     identity["lm"] = methods.model_options(config)
     identity["splits"] = [config.data.text_train, config.data.text_test]
+  if attach.is_factory(config.model.name):  # What the factory builds, and what is quantized.
+    identity["options"] = methods.model_options(config)
+    identity["quantize"] = list(config.model.quantize)
+    if methods.get(config.method).gated:
+      identity["blocks"] = list(config.model.blocks)
+    if source.task == "lm":
+      identity["context"] = config.model.lm.context
+      identity["splits"] = [config.data.text_train, config.data.text_test]
   identity.update(methods.get(config.method).identity(config))
   return identity
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numbers
 import os
 import pathlib
+import re
 from typing import Any, Sequence
 
 import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
-from fractrain_jax import cost, data, methods, models, optim, quant
+from fractrain_jax import attach, cost, data, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError, os_reason
 from fractrain_jax.workdir import probe_write
 from fractrain_jax.data import text as text_data
@@ -106,28 +107,62 @@ def _bits_tuple(config, key: str) -> tuple[int, ...]:
 
 def _check_model(config) -> None:
   name = _get(config, "model.name")
-  names = tuple(models.available()) + (models.LM,)
-  if name in names:
+  options = _get(config, "model.options")
+  blocks = _get(config, "model.blocks")
+  rules = _get(config, "model.quantize")
+  if attach.is_factory(name):
+    attach.load(name)  # Imports it: a missing module or factory is refused now.
+    if not isinstance(options, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(f"config.model.options={options!r}; expected a ConfigDict of the "
+                        f"keyword options of {name}")
+    _patterns(blocks)
+    if not isinstance(rules, (tuple, list)):
+      raise ConfigError(f"config.model.quantize={rules!r}; expected a tuple of rules such as "
+                        "('fp:head', 'q:.*')")
+    attach.parse_all(rules)
     return
-  hint = ""
-  if isinstance(name, str) and name.startswith(GATED_PREFIX):
-    hint = (f" (give the backbone name {name[len(GATED_PREFIX):]!r}: the "
-            "trainer adds the 'gated_' prefix itself for 'dfq' and 'frac')")
-  raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}")
+  names = tuple(models.available()) + (models.LM,)
+  if name not in names:
+    hint = ""
+    if isinstance(name, str) and name.startswith(GATED_PREFIX):
+      hint = (f" (give the backbone name {name[len(GATED_PREFIX):]!r}: the "
+              "trainer adds the 'gated_' prefix itself for 'dfq' and 'frac')")
+    raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}, or "
+                      f"{attach.factory.FORM} for a model of your own")
+  for key, value in (("options", len(options) if hasattr(options, "__len__") else options),
+                     ("blocks", blocks), ("quantize", rules)):
+    if value:
+      raise ConfigError(f"config.model.{key}={_get(config, 'model.' + key)!r} is for a model "
+                        f"of your own ({attach.factory.FORM}); {name} has its own layers and "
+                        "blocks: leave it empty")
+
+
+def _patterns(blocks: Any) -> None:
+  if not isinstance(blocks, (tuple, list)) or not all(isinstance(b, str) for b in blocks):
+    raise ConfigError(f"config.model.blocks={blocks!r}; expected a tuple of path patterns "
+                      "such as (r'blocks/\\d+',)")
+  for pattern in blocks:
+    try:
+      re.compile(pattern)
+    except re.error as err:
+      raise ConfigError(f"config.model.blocks holds {pattern!r}, not a regular expression: "
+                        f"{err}") from None
 
 
 def _check_lm(config) -> None:
-  """The Transformer LM's shape, and that it trains on token windows (and only it does)."""
+  """The Transformer LM's shape, and that it trains on token windows (and only it, or a
+  model of the user's own, does)."""
   lm = _get(config, "model.name") == models.LM
+  own = attach.is_factory(_get(config, "model.name"))
   dataset = _get(config, "data.dataset")
   text = data.find_source(dataset).task == "lm"
   if lm and not text:
     raise ConfigError(f"config.data.dataset={dataset!r}; {models.LM} trains on a word-level "
                       f"corpus: expected '{data.TEXT_PREFIX}PATH'")
-  if text and not lm:
+  if text and not (lm or own):
     raise ConfigError(f"config.model.name={_get(config, 'model.name')!r}; a "
                       f"{data.TEXT_PREFIX}PATH dataset trains the language model: expected "
-                      f"{models.LM!r}")
+                      f"{models.LM!r} or a model of your own ({attach.factory.FORM})")
   for key in ("depth", "width", "heads", "mlp_ratio", "context"):
     _int_at_least(config, f"model.lm.{key}", 1)
   width, heads = _get(config, "model.lm.width"), _get(config, "model.lm.heads")

@@ -26,6 +26,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Backbone: resnet20/38/74/110/152 or mobilenet_v2 (CIFAR), resnet18/34/50
   # (ImageNet). 'dfq' and 'frac' train its gated_<name> variant.
   config.model.name = "resnet38"
+  # A model of your own instead: model.name='package.module:factory' (importable from
+  # the working directory or PYTHONPATH), called as factory(num_classes=...,
+  # rngs=..., **options); the task follows the data (images: classification,
+  # text:PATH: next-token logits of model.lm.context tokens). The keyword
+  # options of the factory (a model of the zoo takes none).
+  config.model.options = ml_collections.ConfigDict()
+  # Gated blocks of a model of your own, for 'dfq' and 'frac': regexes that
+  # match the module paths in full, e.g. (r'blocks/\d+',) or
+  # (r'layers/\d+/(attn|mlp)',); the gate decides before each one runs.
+  config.model.blocks = ()
+  # Which layers of a model of your own are quantized: ordered rules
+  # 'q:REGEX' (quantized), 'fp:REGEX' (full precision) or 'A/G[/W]:REGEX'
+  # (held at those bits), first match wins, an unmatched layer full precision;
+  # () = every nnx.Conv/Linear/Einsum quantized but the first layer (image
+  # models) and the last one called.
+  config.model.quantize = ()
   # The Transformer LM's shape (model.name='transformer_lm'; the CNNs ignore it).
   config.model.lm = ml_collections.ConfigDict()
   # Number of pre-LayerNorm blocks.

@@ -141,16 +141,16 @@ class Dense(nnx.Linear):
     return y
 
 
-class QuantizedLayer(nnx.Module):
-  """A contraction with FracTrain's three quantizers: ``y = op(Q_a(x), Q_w(W))``.
+class Quantizers(nnx.Module):
+  """FracTrain's three quantizers around a contraction, for any layer that has one.
 
-  Subclasses (``QConv``, ``QDense``) set ``kernel`` (output channels last, so
-  ``quant.quantize_weight`` is per output channel) and give the contraction
-  (``_contract``) and its forward MACs per sample (``_macs``). Everything
-  else is shared: the input's per-tensor range (running average for
-  evaluation), the weight quantizer, the cost record, and the identity whose
-  backward pass quantizes ``dL/dy`` stochastically to ``b_g`` bits before it
-  reaches the two gradient products.
+  ``_quantize_input`` (``Q_a``: a per-tensor range, the batch's in training and
+  a running average in evaluation), the weight quantizer (``quant.quantize_weight``,
+  per output channel) and ``_quantize_output`` (the identity whose backward
+  pass quantizes ``dL/dy`` to ``b_g`` bits). The project's own layers
+  (``QuantizedLayer``) and the layers ``fractrain_jax.attach`` puts in a
+  user's model (subclasses of ``nnx.Conv``, ``nnx.Linear``, ``nnx.Einsum``)
+  share them, so both compute the same numbers.
   """
 
   def _init_quantizers(self, act_momentum: float, role: str) -> None:
@@ -187,6 +187,27 @@ class QuantizedLayer(nnx.Module):
     lo, hi = self._input_range(x)
     return quant.fake_quant_blend(x, bits.mask, bits.a, lo=lo, hi=hi, one_hot=True)
 
+  def _quantize_output(self, y: jax.Array, bits: LayerBits,
+                       key: jax.Array | None) -> jax.Array:
+    """``y`` whose cotangent is quantized to the chosen ``g`` (per sample or token)."""
+    if bits is None or self.use_running_average:
+      return y  # Evaluation has no backward pass to quantize.
+    g = bits.g if isinstance(bits, StaticBits) else bits.chosen_g()
+    return quant.quantize_grad(y, g, key)
+
+
+class QuantizedLayer(Quantizers):
+  """A contraction with FracTrain's three quantizers: ``y = op(Q_a(x), Q_w(W))``.
+
+  Subclasses (``QConv``, ``QDense``) set ``kernel`` (output channels last, so
+  ``quant.quantize_weight`` is per output channel) and give the contraction
+  (``_contract``) and its forward MACs per sample (``_macs``). Everything
+  else is shared (``Quantizers``): the input's per-tensor range (running
+  average for evaluation), the weight quantizer, the cost record, and the
+  identity whose backward pass quantizes ``dL/dy`` stochastically to ``b_g``
+  bits before it reaches the two gradient products.
+  """
+
   def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     raise NotImplementedError
 
@@ -202,10 +223,7 @@ class QuantizedLayer(nnx.Module):
       kernel = quant.quantize_weight(kernel, bits.w)
     y = self._contract(x, kernel)
     record_cost(self, self._macs(x, y), self.role)
-    if bits is None or self.use_running_average:
-      return y  # Evaluation has no backward pass to quantize.
-    g = bits.g if isinstance(bits, StaticBits) else bits.chosen_g()
-    return quant.quantize_grad(y, g, key)
+    return self._quantize_output(y, bits, key)
 
 
 class QConv(QuantizedLayer):

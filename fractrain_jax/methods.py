@@ -28,7 +28,10 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from fractrain_jax import cost, dfq, models, quant
+import jax
+import jax.numpy as jnp
+
+from fractrain_jax import attach, cost, dfq, models, quant
 from fractrain_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,9 @@ PHASES = ("train", "finetune")  # Fine-tuning (train.finetune_iters) runs in FP3
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The registry options of the plain model: the LM's shape, none for a CNN."""
+  """The options of the plain model: the LM's shape, a user factory's keywords, none for a CNN."""
+  if attach.is_factory(config.model.name):
+    return config.model.options.to_dict()
   if config.model.name != models.LM:
     return {}
   return {k: config.model.lm[k] for k in models.LM_OPTIONS}
@@ -84,11 +89,39 @@ def gate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
               gate_head=None if d.gate_head == "auto" else d.gate_head, gate_init=d.gate_init)
 
 
-def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int) -> list[cost.LayerMACs]:
+def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int,
+                     input_shape: tuple[int, ...] | None = None) -> list[cost.LayerMACs]:
   """The plain model's layers (the FP32 and SBM 8/8 references of any run)."""
-  abstract = nnx.eval_shape(lambda: models.create(
-      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **model_options(config)))
+  if attach.is_factory(config.model.name):
+    abstract = nnx.eval_shape(lambda: attach_user_model(config, num_classes, 0, input_shape,
+                                                        gated=False))
+  else:
+    abstract = nnx.eval_shape(lambda: models.create(
+        config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **model_options(config)))
   return abstract.layer_macs()
+
+
+def attach_user_model(config: ml_collections.ConfigDict, num_classes: int, seed: int,
+                      input_shape: tuple[int, ...] | None, *, gated: bool) -> nnx.Module:
+  """``config.model.name = "package.module:factory"``: the user's model, FracTrain attached.
+
+  input_shape: one example's shape, from the data (``(H, W, 3)`` images, or
+  ``(context,)`` token ids, which make it a language model).
+  """
+  if input_shape is None:
+    raise ValueError(f"{config.model.name}: a model of your own needs the data's input_shape")
+  user = attach.build(config.model.name, num_classes=num_classes, rngs=nnx.Rngs(seed),
+                      options=model_options(config))
+  lm = len(input_shape) == 1
+  sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.int32 if lm else jnp.float32)
+  options = dict(rules=tuple(config.model.quantize), act_momentum=config.quant.act_momentum)
+  if gated:
+    d = config.dfq
+    options.update(blocks=tuple(config.model.blocks), fw_candidates=tuple(d.fw_candidates),
+                   bw_candidates=tuple(d.bw_candidates), weight_bits=d.weight_bits,
+                   gate=d.gate, gate_head=d.gate_head, gate_init=d.gate_init,
+                   rngs=nnx.Rngs(seed + 1))
+  return attach.attach(user, sample, **options)
 
 
 class Method:
@@ -100,9 +133,15 @@ class Method:
   cost_rule: str | None = None  # The sign rule of DFQ's cost term (dfq.RULES).
 
   def create_model(self, config: ml_collections.ConfigDict, num_classes: int,
-                   seed: int) -> nnx.Module:
-    """The model this method trains; ``num_classes`` is the LM's vocabulary size."""
+                   seed: int, input_shape: tuple[int, ...] | None = None) -> nnx.Module:
+    """The model this method trains; ``num_classes`` is the LM's vocabulary size.
+
+    input_shape: one example's shape (the data's ``input_shape``), which a
+    model of the user's own (``package.module:factory``) is attached with.
+    """
     name = config.model.name
+    if attach.is_factory(name):
+      return attach_user_model(config, num_classes, seed, input_shape, gated=self.gated)
     options = model_options(config)
     if self.gated:
       name = models.GATED_PREFIX + name
@@ -240,6 +279,15 @@ class DFQ(Method):
 
   def check(self, config):
     forward = config.dfq.forward
+    if attach.is_factory(config.model.name):
+      if not config.model.blocks:
+        raise ConfigError(
+            f"config.model.blocks is empty; {self.name} gates blocks of your model "
+            f"{config.model.name}: name them by path, e.g. (r'blocks/\\d+',) or "
+            "(r'layers/\\d+/(attn|mlp)',)")
+      if forward != "single":
+        raise ConfigError(f"config.dfq.forward={forward!r}; a model of your own runs 'single' "
+                          "only (per_candidate is the authors' CIFAR ResNet computation)")
     if config.model.name == models.LM and forward != "single":
       raise ConfigError(
           f"config.dfq.forward={forward!r}; the gated {models.LM} chooses per token and runs "

@@ -234,17 +234,27 @@ def _blend_bwd(widths, one_hot, res, g):
 _blend.defvjp(_blend_fwd, _blend_bwd)
 
 
-def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
-  """Per-output-channel (last axis) fake quantization, straight-through."""
+def quantize_weight(w: jax.Array, bits: int, channel_axes: tuple[int, ...] | None = None
+                    ) -> jax.Array:
+  """Per-output-channel fake quantization, straight-through.
+
+  channel_axes: the kernel's output-channel axes, each combination of which
+  gets its own range; None is the last axis (a conv's HWIO, a dense (in,
+  out) kernel). An einsum kernel may have several, anywhere.
+  """
   check_bits(bits)
   if not is_static(bits):
     raise ValueError(f"weight bits must be a Python int, got {bits!r}")
   if bits == 0:
     return w
   ws = jax.lax.stop_gradient(w)
-  axes = tuple(range(w.ndim - 1))
-  lo = jnp.min(ws, axis=axes)
-  hi = jnp.max(ws, axis=axes)
+  last = (w.ndim - 1,)
+  channels = last if channel_axes is None else tuple(sorted(a % w.ndim for a in channel_axes))
+  axes = tuple(a for a in range(w.ndim) if a not in channels)
+  # The last-axis case keeps its ranges as vectors (see _along_last_axis).
+  keep = channels != last
+  lo = jnp.min(ws, axis=axes, keepdims=keep)
+  hi = jnp.max(ws, axis=axes, keepdims=keep)
   return straight_through(w, quantize(ws, bits, lo=lo, hi=hi))
 
 

@@ -117,13 +117,16 @@ def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:
   source = kind.load(config)
   log.info("Data: %s, %s, loaded in %.1f s", config.data.dataset, source.describe(),
            time.perf_counter() - t0)
-  model = method.create_model(config, source.num_classes, config.seed)
+  model = method.create_model(config, source.num_classes, config.seed,
+                               input_shape=source.input_shape)
+  if hasattr(model, "describe"):  # A model of the user's own: which layers are quantized.
+    log.info("Layers of %s:\n%s", config.model.name, model.describe())
   trainer = steps.Trainer(config, model, mean=source.mean, std=source.std,
                           data_on_device=not kind.streamed)
   # A plain model's own table is the plain reference; capturing it again costs
   # seconds on the deepest models.
-  plain_layers = (methods.plain_layer_macs(config, source.num_classes) if method.gated
-                  else trainer.layers)
+  plain_layers = (methods.plain_layer_macs(config, source.num_classes, source.input_shape)
+                  if method.gated else trainer.layers)
   if method.gated:
     method.log_reachable_targets(config)
   return RunSetup(config, method, workdir, source, trainer, plain_layers, checkpoints,

@@ -53,6 +53,11 @@ class ArrayData:
   def num_train(self) -> int:
     return int(self.train_labels.shape[0])
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """One example's shape, ``(H, W, 3)``: what a model of the user's own is attached with."""
+    return tuple(self.train_images.shape[1:])
+
   def describe(self) -> str:
     """One line for the run's log."""
     _, h, w, _ = self.train_images.shape

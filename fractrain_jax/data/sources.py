@@ -70,7 +70,7 @@ class Source:
 
   def load(self, config: ml_collections.ConfigDict) -> Any:
     """The data of ``config.data.dataset``: an object with ``num_classes``, ``mean``, ``std``,
-    ``test_batches(batch_size)``, ``describe()``, and ``train_arrays()`` (held on the
+    ``input_shape`` (one example's), ``test_batches(batch_size)``, ``describe()``, and ``train_arrays()`` (held on the
     device) or ``train_batches(batch_size, seed, start_step)`` (streamed)."""
     raise NotImplementedError
 

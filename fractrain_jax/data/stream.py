@@ -83,6 +83,11 @@ class StreamData:
     self.mean: Float3 = tuple(mean)
     self.std: Float3 = tuple(std)
 
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """One example's shape: an ``image_size`` square crop."""
+    return (self.image_size, self.image_size, 3)
+
   def describe(self) -> str:
     """One line for the run's log."""
     return f"{self.name} streamed through tf.data, {self.num_classes} classes"

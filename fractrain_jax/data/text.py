@@ -56,6 +56,11 @@ class TextData:
     return len(self.vocab)
 
   @property
+  def input_shape(self) -> tuple[int, ...]:
+    """One example's shape: a window of ``context`` token ids."""
+    return (self.context,)
+
+  @property
   def num_train(self) -> int:
     """Training windows of ``context`` tokens."""
     return (len(self.train_tokens) - 1) // self.context

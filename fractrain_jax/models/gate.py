@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fractrain_jax.layers import conv_init, dense_init
-from fractrain_jax.models.parts import global_avg_pool
 
 SAMPLERS = ("gumbel", "hard")
 INITS = ("default", "authors")
@@ -149,8 +148,11 @@ class GateHead(nnx.Module):
   def __call__(self, features: jax.Array) -> jax.Array:
     if self.per_token:
       h = jax.nn.standardize(features, axis=-1, epsilon=TOKEN_EPSILON)
+    elif features.ndim > 2:
+      # Every axis between batch and features: an NHWC map's H and W.
+      h = jnp.mean(features, axis=tuple(range(1, features.ndim - 1)))
     else:
-      h = global_avg_pool(features)
+      h = features  # Already one vector per sample.
     if self.hidden is not None:
       h = jax.nn.relu(self.hidden(h))
     return self.embed(h)
@@ -213,8 +215,9 @@ class Gate(nnx.Module):
                key: jax.Array | None = None, tau=1.0) -> tuple[jax.Array, LSTMState]:
     """Decision ``index`` from ``features``: a one-hot mask and the new state.
 
-    features: NHWC (mask ``(batch, K)``), or ``(batch, positions, features)``
-    for a per-token gate (mask ``(batch, positions, K)``).
+    features: NHWC, or any ``(batch, ..., features)`` pooled over the axes
+    between (mask ``(batch, K)``); ``(batch, positions, features)`` for a
+    per-token gate (mask ``(batch, positions, K)``).
     key: Gumbel noise (training with the "gumbel" sampler only). tau: the
     softmax temperature; may be traced, so annealing it does not recompile.
     """
