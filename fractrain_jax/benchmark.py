@@ -94,15 +94,17 @@ class StepRunner:
 
   @classmethod
   def create(cls, method: str, *, model_name: str, batch_size: int, num_classes: int,
-             seed: int = 0, num_examples: int = 2048) -> "StepRunner":
+             seed: int = 0, num_examples: int = 2048, own: "OwnModel | None" = None
+             ) -> "StepRunner":
     import jax.numpy as jnp
     import numpy as np
 
     from fractrain_jax import data, methods, steps
 
-    config = step_config(method, model_name, batch_size)
+    config = step_config(method, model_name, batch_size, own)
     trained = methods.get(config.method)
-    model = trained.create_model(config, num_classes, seed)
+    model = trained.create_model(config, num_classes, seed,
+                                 input_shape=None if own is None else own.input_shape)
     rng = np.random.default_rng(seed)
     n = max(num_examples, 2 * batch_size)
     if model.task == "lm":  # Token windows and their next tokens.
@@ -126,11 +128,21 @@ class StepRunner:
     return metrics
 
 
-def step_config(name: str, model_name: str, batch_size: int):
+@dataclasses.dataclass(frozen=True)
+class OwnModel:
+  """How a model of the user's own (``package.module:factory``) is timed."""
+  options: dict
+  blocks: tuple[str, ...]
+  quantize: tuple[str, ...]
+  input_shape: tuple[int, ...]  # (H, W, 3) images, or (context,) tokens: a language model.
+
+
+def step_config(name: str, model_name: str, batch_size: int, own: OwnModel | None = None):
   """The library's default config for method or variant ``name`` on ``model_name``.
 
-  The LM gets its gated model's default candidates (``gated_lm.DEFAULT_CANDIDATES``,
-  the LM recipes') and a target in the middle of their reachable range.
+  The LM (the zoo's, or a model of the user's own fed tokens) gets the gated
+  LM's default candidates (``gated_lm.DEFAULT_CANDIDATES``, the LM recipes')
+  and a target in the middle of their reachable range.
   """
   from fractrain_jax import cost, defaults, models
   from fractrain_jax.models import gated_lm
@@ -139,7 +151,10 @@ def step_config(name: str, model_name: str, batch_size: int):
   config.method, dfq_overrides = VARIANTS.get(name, (name, {}))
   config.model.name = model_name
   config.train.batch_size = batch_size
-  if model_name == models.LM:
+  if own is not None:
+    config.model.options.update(own.options)
+    config.model.blocks, config.model.quantize = own.blocks, own.quantize
+  if model_name == models.LM or (own is not None and len(own.input_shape) == 1):
     a, g, w = gated_lm.DEFAULT_CANDIDATES
     config.dfq.update(fw_candidates=a, bw_candidates=g, weight_bits=w,
                       target_cp=sum(cost.steer_cp_range(a, g, w)) / 2)
@@ -147,7 +162,8 @@ def step_config(name: str, model_name: str, batch_size: int):
   return config
 
 
-def timed_methods(requested: list[str] | None, model_name: str) -> list[str]:
+def timed_methods(requested: list[str] | None, model_name: str,
+                  own: OwnModel | None = None) -> list[str]:
   """The methods and variants to time; ValueError naming a bad one and what is accepted."""
   from fractrain_jax import methods
   from fractrain_jax.errors import ConfigError
@@ -162,7 +178,7 @@ def timed_methods(requested: list[str] | None, model_name: str) -> list[str]:
   for name in requested:
     if name not in accepted:
       raise ValueError(f"--methods: unknown {name!r}; accepted: {', '.join(accepted)}")
-    config = step_config(name, model_name, 1)
+    config = step_config(name, model_name, 1, own)
     try:
       methods.get(config.method).check(config)
     except ConfigError as err:
@@ -174,11 +190,14 @@ def timed_methods(requested: list[str] | None, model_name: str) -> list[str]:
 
 
 def bench_step(args) -> list[dict]:
+  """Every (model, method) in turn; ratios to each model's FP32 step and, with several
+  models, to the first model's step of the same method."""
   import jax
 
-  runners = {method: StepRunner.create(
-      method, model_name=args.model, batch_size=args.batch_size,
-      num_classes=args.num_classes, seed=0) for method in args.methods}
+  runners = {(model, method): StepRunner.create(
+      method, model_name=model, batch_size=args.batch_size, num_classes=args.num_classes,
+      seed=0, own=args.own.get(model))
+      for model in args.model for method in args.methods[model]}
   for runner in runners.values():  # Compile, then warm up.
     for _ in range(2):
       jax.block_until_ready(runner.step())
@@ -195,9 +214,9 @@ def bench_step(args) -> list[dict]:
       jax.block_until_ready(runner.step())
       times[method].append(time.perf_counter() - t0)
   rows = []
-  for method, samples in times.items():
+  for (model, method), samples in times.items():
     seconds = statistics.median(samples)
-    rows.append({"bench": "step", "method": method, "model": args.model,
+    rows.append({"bench": "step", "method": method, "model": model,
                  "batch_size": args.batch_size, "step_ms": seconds * 1e3,
                  "min_step_ms": min(samples) * 1e3,
                  "images_per_s": args.batch_size / seconds,
@@ -205,13 +224,48 @@ def bench_step(args) -> list[dict]:
                  "device": str(jax.devices()[0].platform)})
   from fractrain_jax import methods
 
-  # The ratios' base: the plain model's full-precision step.
-  base = [name for name, runner in runners.items()
-          if runner.precision == methods.FP32 and not runner.trainer.gated]
-  fp32 = next((r["step_ms"] for r in rows if base and r["method"] == base[0]), None)
+  # The ratios' base: each model's plain full-precision step.
+  fp32 = {r["model"]: r["step_ms"] for r, runner in zip(rows, runners.values())
+          if runner.precision == methods.FP32 and not runner.trainer.gated}
+  first = {r["method"]: r["step_ms"] for r in rows if r["model"] == args.model[0]}
   for r in rows:
-    r["ratio_to_fp32"] = r["step_ms"] / fp32 if fp32 else None
+    r["ratio_to_fp32"] = r["step_ms"] / fp32[r["model"]] if r["model"] in fp32 else None
+    if len(args.model) > 1:
+      r["ratio_to_first_model"] = r["step_ms"] / first[r["method"]] if r["method"] in first else None
   return rows
+
+
+def _step_models(parser: argparse.ArgumentParser, args) -> None:
+  """Checks ``--model`` (and a model of the user's own's flags); sets ``args.own`` and the
+  methods each model times, ``args.methods``."""
+  import ast  # pylint: disable=import-outside-toplevel
+
+  from fractrain_jax import attach, models  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  plain = tuple(n for n in models.names() if not n.startswith(models.GATED_PREFIX))
+  args.own = {}
+  for name in args.model:
+    if attach.is_factory(name):
+      try:
+        options = ast.literal_eval(args.options)
+        attach.load(name)
+        attach.parse_all(args.quantize)
+      except (ValueError, SyntaxError) as err:
+        parser.error(f"--model {name}: {err}")
+      if not isinstance(options, dict):
+        parser.error(f"--options={args.options!r}; expected a Python dict")
+      shape = (args.context,) if args.context else (args.image_size, args.image_size, 3)
+      args.own[name] = OwnModel(options, tuple(args.blocks), tuple(args.quantize), shape)
+    elif name not in plain:
+      parser.error(f"--model={name!r}; expected one of {', '.join(plain)} (dfq and frac "
+                   "time its gated_ version), or package.module:factory")
+  requested, args.methods = args.methods, {}
+  try:
+    for name in args.model:
+      args.methods[name] = timed_methods(requested, name, args.own.get(name))
+  except (ValueError, ConfigError) as err:
+    parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,9 +275,21 @@ def main(argv: list[str] | None = None) -> int:
   q = sub.add_parser("quant", help="one quantized conv against FP32")
   q.add_argument("--batch-size", type=int, default=128, help="conv input batch (default 128)")
   s = sub.add_parser("step", help="one training step per method")
-  s.add_argument("--model", default="resnet38",
+  s.add_argument("--model", nargs="+", default=["resnet38"],
                  help="backbone name, e.g. resnet20/38/74, mobilenet_v2 (default resnet38); "
-                      "dfq and frac use its gated_ version; transformer_lm for the LM")
+                      "dfq and frac use its gated_ version; transformer_lm for the LM; or "
+                      "package.module:factory, a model of your own; several are timed in turn "
+                      "and compared with the first")
+  s.add_argument("--options", default="{}",
+                 help="a model of your own: the factory's keyword options, a Python dict")
+  s.add_argument("--blocks", nargs="*", default=[],
+                 help="a model of your own: path patterns of its gated blocks (dfq, frac)")
+  s.add_argument("--quantize", nargs="*", default=[],
+                 help="a model of your own: quantize rules (default: all but first and last)")
+  s.add_argument("--image-size", type=int, default=32,
+                 help="a model of your own: the side of its random images (default 32)")
+  s.add_argument("--context", type=int, default=0,
+                 help="a model of your own: time it as a language model of this many tokens")
   s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
   s.add_argument("--num-classes", type=int, default=10,
                  help="classifier width, or the LM's vocabulary (default 10)")
@@ -244,16 +310,7 @@ def main(argv: list[str] | None = None) -> int:
       parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an int >= 1")
   platform.configure(cpu_flags=not args.no_cpu_flags)
   if args.bench == "step":
-    from fractrain_jax import models  # pylint: disable=import-outside-toplevel
-
-    plain = tuple(n for n in models.names() if not n.startswith(models.GATED_PREFIX))
-    if args.model not in plain:
-      parser.error(f"--model={args.model!r}; expected one of {', '.join(plain)} (dfq and frac "
-                   "time its gated_ version)")
-    try:
-      args.methods = timed_methods(args.methods, args.model)
-    except ValueError as err:
-      parser.error(str(err))
+    _step_models(parser, args)
   rows = bench_quant(args) if args.bench == "quant" else bench_step(args)
   for r in rows:
     if args.json:

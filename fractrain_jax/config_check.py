@@ -129,12 +129,13 @@ def _check_model(config) -> None:
               "trainer adds the 'gated_' prefix itself for 'dfq' and 'frac')")
     raise ConfigError(f"config.model.name={name!r}; expected one of {names}{hint}, or "
                       f"{attach.factory.FORM} for a model of your own")
-  for key, value in (("options", len(options) if hasattr(options, "__len__") else options),
-                     ("blocks", blocks), ("quantize", rules)):
+  if isinstance(options, ml_collections.ConfigDict):
+    options = options.to_dict()
+  for key, value in (("blocks", blocks), ("quantize", rules), ("options", options)):
     if value:
-      raise ConfigError(f"config.model.{key}={_get(config, 'model.' + key)!r} is for a model "
-                        f"of your own ({attach.factory.FORM}); {name} has its own layers and "
-                        "blocks: leave it empty")
+      raise ConfigError(f"config.model.{key}={value!r} is for a model of your own "
+                        f"({attach.factory.FORM}); {name} has its own layers and blocks: "
+                        "leave it empty")
 
 
 def _patterns(blocks: Any) -> None:

@@ -8,9 +8,13 @@
 #             e.g. after `tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp` use /tmp/cifar10
 #   OUT_ROOT  where the five workdirs and the report go (default: runs/cpu_study)
 # Environment: MODEL (resnet20), ITERS (1500), EVAL_EVERY (25), TEST_SUBSET (2000),
-#   METHODS ("fp32 sbm pfq dfq frac dfq_hard"), PYTHON (python3). Each entry names
+#   METHODS ("fp32 sbm pfq dfq frac dfq_hard"), PYTHON (python3), BATCH (128),
+#   MODEL_FLAGS (more --config flags for every run, split on spaces). Each entry names
 #   configs/<entry>_cifar10.py; dfq_hard is DFQ with the authors' argmax gate and
 #   dfq_per_candidate DFQ with the authors' per-candidate block forward.
+# A model of your own, e.g. the ViT of examples/user_models.py (docs/RESULTS.md):
+#   MODEL=examples.user_models:vit METHODS="fp32 sbm pfq dfq frac" \
+#   MODEL_FLAGS="--config.model.blocks=('blocks/\d+',)" scripts/cpu_study_cifar10.sh DATA_DIR
 set -euo pipefail
 
 [[ $# -ge 1 && -d $1/train && -d $1/test ]] || {
@@ -25,6 +29,8 @@ ITERS=${ITERS:-1500}
 EVAL_EVERY=${EVAL_EVERY:-25}
 TEST_SUBSET=${TEST_SUBSET:-2000}
 METHODS=${METHODS:-fp32 sbm pfq dfq frac dfq_hard}
+BATCH=${BATCH:-128}
+read -r -a model_flags <<< "${MODEL_FLAGS:-}"
 # The paper's schedule shape at this budget: lr x0.1 at 50% and 75% of the run.
 B1=$((ITERS / 2)); B2=$((ITERS * 3 / 4))
 mkdir -p "$OUT"
@@ -38,6 +44,7 @@ for m in $METHODS; do
     --config.data.dataset="folder:$DATA_DIR" --config.data.test_subset="$TEST_SUBSET" \
     --config.model.name="$MODEL" --config.train.iters="$ITERS" \
     --config.train.eval_every="$EVAL_EVERY" --config.optim.boundaries="($B1, $B2)" \
+    --config.train.batch_size="$BATCH" "${model_flags[@]}" \
     2>&1 | grep -v -e WARNING -e '^I0000' | tail -n 5
 done
 "$PY" -m fractrain_jax.report $(for m in $METHODS; do echo "$OUT/$m"; done) --out "$OUT/report"

@@ -83,3 +83,27 @@ def test_bad_arguments_are_one_line(capsys, argv, needle):
   assert info.value.code == 2
   err = capsys.readouterr().err
   assert needle in err and "Traceback" not in err
+
+
+def test_step_times_a_model_of_your_own_beside_the_zoo_model():
+  rows = run_json(["step", "--model", "resnet8", "examples.user_models:resnet",
+                   "--options", "{'depth': 8}", "--blocks", r"blocks/\d+", "--quantize", "fp:fc",
+                   "q:.*", "--batch-size", "2", "--repeats", "1", "--methods", "fp32", "dfq"])
+  assert [(r["model"], r["method"]) for r in rows] == [
+      ("resnet8", "fp32"), ("resnet8", "dfq"), ("examples.user_models:resnet", "fp32"),
+      ("examples.user_models:resnet", "dfq")]
+  base = {r["method"]: r["step_ms"] for r in rows[:2]}
+  for r in rows:
+    assert r["ratio_to_first_model"] == pytest.approx(r["step_ms"] / base[r["method"]])
+  assert rows[3]["ratio_to_fp32"] == pytest.approx(rows[3]["step_ms"] / rows[2]["step_ms"])
+
+
+def test_a_model_of_your_own_without_blocks_times_the_plain_methods_only():
+  args = ["step", "--model", "examples.user_models:resnet", "--options", "{'depth': 8}"]
+  with pytest.raises(SystemExit) as info:
+    benchmark.main(args + ["--methods", "dfq"])
+  assert info.value.code == 2
+  runner = benchmark.StepRunner.create(
+      "pfq", model_name="examples.user_models:resnet", batch_size=2, num_classes=10,
+      own=benchmark.OwnModel({"depth": 8}, (), (), (32, 32, 3)))
+  assert {l.kind for l in runner.trainer.layers} == {"static", "fp"}

@@ -32,6 +32,7 @@ from flax import nnx
 from fractrain_jax import quant
 from fractrain_jax.attach import route as routing
 from fractrain_jax.attach.rules import FULL, LayerPlan
+from fractrain_jax.errors import ConfigError
 from fractrain_jax.layers import BRANCH, LayerBits, Quantizers, record_cost
 
 DOT_GENERAL, CONV, EINSUM = "dot_general", "conv_general_dilated", "einsum_op"
@@ -162,8 +163,23 @@ def swap_class(node: Any, cls: type) -> None:
   object.__setattr__(node, "__class__", cls)
 
 
+def _kernel_ndim(node: nnx.Module) -> int:
+  """The kernel's rank as the layer's own settings give it."""
+  if isinstance(node, nnx.Conv):
+    return len(node.kernel_size) + 2
+  if isinstance(node, nnx.Einsum):
+    return len(node.kernel_shape)
+  return 2
+
+
 def attach_layer(node: nnx.Module, path: str, act_momentum: float) -> nnx.Module:
   """Turns a Flax layer into its attached form in place (a clone's node, never the user's)."""
+  ndim = getattr(getattr(node, "kernel", None), "ndim", None)
+  if ndim is not None and ndim != _kernel_ndim(node):
+    raise ConfigError(
+        f"layer {path} holds a stack of kernels {tuple(node.kernel.shape)} (layers made with "
+        "nnx.vmap and run under nnx.scan); FracTrain attaches to layers the forward pass "
+        "calls one by one, each with its own input range and cost: unroll the stack")
   name = OPERATIONS[base_class(node)]
   swap_class(node, quantized_class(type(node)))
   setattr(node, name, QuantizedOp(name, getattr(node, name)))

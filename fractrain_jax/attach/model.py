@@ -242,11 +242,7 @@ def _discover(model: nnx.Module, sample: jax.ShapeDtypeStruct) -> Discovery:
     copy = nnx.merge(graphdef, state)  # Lives and dies inside this trace.
     with routing(discovery):
       out = copy(jnp.zeros(sample.shape, sample.dtype))
-    for (path, _, _), probe in zip(discovery.blocks, discovery.probes):
-      try:
-        probe + 0  # pylint: disable=pointless-statement
-      except jax.errors.UnexpectedTracerError:
-        inside.append(path)
+    inside.extend(discovery.inside_transforms())
     return out
 
   try:
@@ -254,16 +250,13 @@ def _discover(model: nnx.Module, sample: jax.ShapeDtypeStruct) -> Discovery:
   except UserError:
     raise
   except Exception as err:  # The user's model on the sample: one line, the cause chained.
-    if inside:
-      raise ConfigError(f"gated block {inside[0]} runs inside a JAX transform (nnx.scan, "
-                        "nnx.vmap, a jax loop); FracTrain gates blocks its forward pass calls "
-                        "directly, once each") from None
     raise ConfigError(f"the model fails on a sample of {sample.dtype} {sample.shape}: "
                       f"{one_line(err)}") from err
   if inside:
-    raise ConfigError(f"gated block {inside[0]} runs inside a JAX transform (nnx.scan, "
-                      "nnx.vmap, a jax loop); FracTrain gates blocks its forward pass calls "
-                      "directly, once each")
+    raise ConfigError(f"{inside[0]} runs inside a JAX transform (nnx.vmap, nnx.scan, a "
+                      "jax.lax loop); FracTrain attaches to layers and blocks that the forward "
+                      "pass calls directly, each with its own per-tensor range, cost and gate "
+                      "decision")
   return discovery
 
 

@@ -161,16 +161,32 @@ class Discovery(Route):
     super().__init__(full=True)
     self.layers: list[tuple[str, tuple[int, ...]]] = []
     self.blocks: list[tuple[str, tuple[int, ...], Any]] = []
-    self.probes: list[jax.Array] = []
+    # (what, path, a scalar of its input), read once the pass is over: a layer or
+    # block run inside a JAX transform (nnx.vmap, nnx.scan, jax.lax loops) leaves a
+    # tracer of that transform, which cannot be used outside it.
+    self.probes: list[tuple[str, str, jax.Array]] = []
+
+  def _probe(self, what: str, path: str, x: Any) -> None:
+    if hasattr(x, "shape"):
+      self.probes.append((what, path, jnp.asarray(x[(0,) * x.ndim], jnp.float32) * 0))
 
   def called(self, plan: LayerPlan, inputs: jax.Array) -> None:
     self.layers.append((plan.path, tuple(inputs.shape)))
+    self._probe("layer", plan.path, inputs)
 
   @contextlib.contextmanager
   def block(self, path: str, x: jax.Array) -> Iterator[None]:
     self.blocks.append((path, tuple(getattr(x, "shape", ())), getattr(x, "dtype", None)))
-    # Read once the pass is over: a block run inside a JAX transform (nnx.scan,
-    # nnx.vmap) leaves a tracer of that transform here, which cannot escape it.
-    self.probes.append(jnp.zeros((), jnp.float32) if not hasattr(x, "shape")
-                       else jnp.sum(x[(0,) * x.ndim] * 0).astype(jnp.float32))
+    self._probe("gated block", path, x)
     yield
+
+  def inside_transforms(self) -> list[str]:
+    """``"layer PATH"`` / ``"gated block PATH"`` for each that ran inside a JAX transform;
+    call it inside the trace that ran the pass."""
+    inside = []
+    for what, path, probe in self.probes:
+      try:
+        probe + 0  # pylint: disable=pointless-statement
+      except jax.errors.UnexpectedTracerError:
+        inside.append(f"{what} {path}")
+    return inside
