@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--epoch", type=int, default=20, help="steps per indicator epoch")
   parser.add_argument("--examples", type=int, default=5000, help="training images used")
+  parser.add_argument("--eps", type=float, default=0.05, help="the indicator's threshold")
   args = parser.parse_args(argv)
 
   # The library's defaults, set for FracTrain at this scale.
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
   config.train.update(batch_size=32, iters=args.steps, num_devices=1)
   config.optim.update(lr=0.05, boundaries=())
   config.dfq.update(target_cp=2.0, target_step=0.5)
-  config.pfq.update(num_turning_points=2, window=3, scale_epochs=2)
+  config.pfq.update(num_turning_points=2, window=3, scale_epochs=2, eps=args.eps)
   method = methods.get(config.method)
 
   (train_x, train_y), (test_x, test_y), classes, (mean, std) = images(args.folder, args.examples)

@@ -90,11 +90,16 @@ def gate_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def plain_layer_macs(config: ml_collections.ConfigDict, num_classes: int,
-                     input_shape: tuple[int, ...] | None = None) -> list[cost.LayerMACs]:
-  """The plain model's layers (the FP32 and SBM 8/8 references of any run)."""
+                     model: nnx.Module | None = None) -> list[cost.LayerMACs]:
+  """The plain model's layers (the FP32 and SBM 8/8 references of any run).
+
+  model: the run's model; a model of the user's own labels its own layers as
+  the plain model would (the same layers, rules and MACs).
+  """
   if attach.is_factory(config.model.name):
-    abstract = nnx.eval_shape(lambda: attach_user_model(config, num_classes, 0, input_shape,
-                                                        gated=False))
+    if model is None:
+      raise ValueError(f"{config.model.name}: give the run's attached model")
+    return model.layer_macs(plain=True)
   else:
     abstract = nnx.eval_shape(lambda: models.create(
         config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **model_options(config)))

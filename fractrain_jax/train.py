@@ -36,8 +36,8 @@ import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fractrain_jax import (config_check, console, cost, data, dfq, divergence, methods, pfq,
-                           processes, run_files, steps)
+from fractrain_jax import (attach, config_check, console, cost, data, dfq, divergence, methods,
+                           pfq, processes, run_files, steps)
 from fractrain_jax import workdir as run_record
 from fractrain_jax import run_summary
 from fractrain_jax.checkpoints import Checkpoints, Progress, run_identity
@@ -119,13 +119,13 @@ def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:
            time.perf_counter() - t0)
   model = method.create_model(config, source.num_classes, config.seed,
                                input_shape=source.input_shape)
-  if hasattr(model, "describe"):  # A model of the user's own: which layers are quantized.
-    log.info("Layers of %s:\n%s", config.model.name, model.describe())
   trainer = steps.Trainer(config, model, mean=source.mean, std=source.std,
                           data_on_device=not kind.streamed)
+  if isinstance(model, attach.AttachedModel | attach.GatedAttachedModel):
+    log.info("Layers of %s:\n%s", config.model.name, model.describe(trainer.layers))
   # A plain model's own table is the plain reference; capturing it again costs
   # seconds on the deepest models.
-  plain_layers = (methods.plain_layer_macs(config, source.num_classes, source.input_shape)
+  plain_layers = (methods.plain_layer_macs(config, source.num_classes, model)
                   if method.gated else trainer.layers)
   if method.gated:
     method.log_reachable_targets(config)

@@ -148,6 +148,9 @@ def test_a_gated_run_charges_each_layer_to_its_block():
   assert rows["head"].kind == "fp"
   # Per window of 8 tokens: q is (8 tokens) x (16 in) x (2 heads x 8) MACs.
   assert rows["blocks/0/attn/q"].macs == 8 * 16 * 16
+  # The plain references of a gated run: what the model attached without blocks has.
+  plain = attach.attach(gpt, jnp.zeros((1, 8), jnp.int32))
+  assert gated.layer_macs(plain=True) == plain.layer_macs()
 
 
 # ------------------------------------------------------------ the user's parameters

@@ -192,3 +192,17 @@ def test_dfq_steers_a_user_vit_to_its_target_on_cifar10(real_cifar10_folder, tmp
   cps = [l["steer_cp"] for l in lines(tmp_path)]
   assert abs(cps[0] - 2.3) > 0.5, cps  # It had to travel...
   assert abs(cps[-1] - 2.3) <= 0.3, cps  # ...and got there.
+
+
+def test_the_own_loop_example_trains_with_the_library_step_and_indicator(real_cifar10_folder,
+                                                                         capsys):
+  from examples import own_loop  # pylint: disable=import-outside-toplevel
+
+  # eps 10: every full window of three epoch losses is a plateau, so both turning points come.
+  result = own_loop.main(["--folder", str(real_cifar10_folder), "--steps", "24", "--epoch", "4",
+                          "--examples", "200", "--eps", "10"])
+  out = capsys.readouterr().out
+  assert result["turning_point_epochs"] == [3, 6] and result["stage"] == 2
+  assert "turning point, target now 2.5%" in out and "turning point, target now 3%" in out
+  assert out.count("steering cp") == 6  # One line per indicator epoch.
+  assert 0.0 <= result["test_acc"] <= 100.0 and np.isfinite(result["test_loss"])

@@ -95,31 +95,38 @@ class _Attached(nnx.Module):
     with routing(Route(full=True)):
       return self.model(x)
 
-  def _kind(self, plan: LayerPlan) -> tuple[str, tuple[int, int, int] | None, int]:
+  def _kind(self, plan: LayerPlan, gated: bool) -> tuple[str, tuple[int, int, int] | None, int]:
     if plan.action == FIXED:
       return "fixed", (plan.bits.a, plan.bits.g, plan.bits.w), -1
     if plan.action == FULL:
       return "fp", None, -1
-    if self.gated:
+    if gated:
       return ("gated", None, plan.block) if plan.block >= 0 else ("fp", None, -1)
     return "static", None, -1
 
-  def layer_macs(self) -> list[cost.LayerMACs]:
-    """Every attached layer call with its forward MACs per sample, labelled by its plan."""
+  def layer_macs(self, *, plain: bool = False) -> list[cost.LayerMACs]:
+    """Every attached layer call with its forward MACs per sample, labelled by its plan.
+
+    plain: label the layers as the model attached without blocks runs them (the
+    FP32 and SBM 8/8 references of a gated run), without building that model.
+    """
     plans = {path: layer.fractrain for path, layer in self.layers()}
     sample = (1,) + tuple(self.input_shape[1:])
     rows = []
     for path, macs, _ in capture_records(self, lambda m, x: m.float_forward(x), sample,
                                          jnp.dtype(self.input_dtype)):
       plan = plans[path_name(path[1:])]  # path[0] is "model".
-      kind, fixed, block = self._kind(plan)
+      kind, fixed, block = self._kind(plan, self.gated and not plain)
       rows.append(cost.LayerMACs(plan.path, macs, kind, block=block, fixed=fixed))
     return rows
 
-  def describe(self) -> str:
-    """One row per attached layer: path, Flax class, parameters, MACs per sample, precision."""
+  def describe(self, layers: Sequence[cost.LayerMACs] | None = None) -> str:
+    """One row per attached layer: path, Flax class, parameters, MACs per sample, precision.
+
+    layers: this model's ``layer_macs()``, if already at hand.
+    """
     macs: dict[str, float] = {}
-    for row in self.layer_macs():  # In call order; a layer called twice counts twice.
+    for row in layers or self.layer_macs():  # In call order; a layer called twice counts twice.
       macs[row.name] = macs.get(row.name, 0) + row.macs
     layers = dict(self.layers())
     order = list(macs) + [p for p in layers if p not in macs]  # Then those never called.
