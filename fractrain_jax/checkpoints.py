@@ -25,8 +25,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fractrain_jax import data, methods, models, processes, run_files, steps
+from fractrain_jax.orbax_loops import draining
 from fractrain_jax.workdir import strict
-from fractrain_jax.errors import ResumeError, StorageError, one_line
+from fractrain_jax.errors import ResumeError, StorageError, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,26 @@ def _reason(err: BaseException) -> str:
   return one_line(err)
 
 
+def _restore_reason(err: BaseException, limit: int = 300) -> str:
+  """Why a checkpoint did not restore, in one line of at most ``limit`` characters.
+
+  The innermost error Orbax wrapped (TensorStore's own words), without the
+  TensorStore spec that Orbax and TensorStore append. TensorStore nests its
+  reasons ("CODE: Error opening ...: Error reading ...: what failed"); where the
+  whole is too long, outer ones are dropped first, so the file and what went
+  wrong with it stay.
+  """
+  root = err
+  while root.__cause__ is not None:
+    root = root.__cause__
+  text = first_line(root).split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+  parts = re.split(r": (?=[A-Z])", text)
+  head = f"{type(root).__name__}: "
+  while len(parts) > 2 and len(head) + len(": ".join(parts)) > limit:
+    del parts[1]
+  return (head + ": ".join(parts))[:limit]
+
+
 def _comparable(identity: dict) -> dict:
   """``identity`` with its dataset spelt as ``run_identity`` spells it now (older checkpoints
   hold the name as it was typed)."""
@@ -143,10 +164,11 @@ class Checkpoints:
     """Commits checkpoint ``step``; StorageError (one line) when it cannot be written, with
     its partial folder removed and the newest committed checkpoint named."""
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          meta=ocp.args.JsonSave(strict(dataclasses.asdict(progress)))), force=True)
-      self.manager.wait_until_finished()
+      with draining():
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(strict(dataclasses.asdict(progress)))), force=True)
+        self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       # Let Orbax's background writers end before their partial folder is removed.
       for finish in (self.manager.wait_until_finished, self.manager.close):
@@ -181,7 +203,8 @@ class Checkpoints:
     return sorted(self.manager.all_steps(), reverse=True)
 
   def read_meta(self, step: int) -> Progress:
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    with draining():
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return Progress.from_dict(out["meta"])
 
   def move_aside(self, step: int, why: str) -> pathlib.Path:
@@ -220,23 +243,25 @@ class Checkpoints:
   def _restore_state(self, step: int, abstract_state: steps.TrainState):
     """The arrays and Progress of checkpoint ``step``, also one written under older field names."""
     def read(target):
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      with draining():  # A failed read ends every other read before it returns.
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       return out["state"], Progress.from_dict(out["meta"])
 
     try:
       return read(abstract_state)
-    except Exception as first:  # pylint: disable=broad-except
-      fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-      renamed = {old: new for old, new in _RENAMED_FIELDS.items() if new in fields}
-      if not renamed:
-        raise
+    except Exception as err:  # pylint: disable=broad-except
+      first = err
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    renamed = {old: new for old, new in _RENAMED_FIELDS.items() if new in fields}
+    if renamed:
       old_of = {new: old for old, new in renamed.items()}
       try:  # The names on disk, then the new ones.
         state, progress = read({old_of.get(k, k): v for k, v in fields.items()})
+        return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
       except Exception:  # pylint: disable=broad-except
-        raise first from None
-      return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
+        pass
+    raise first  # Raised outside an except block: its cause stays TensorStore's reason.
 
   def restore(self, abstract_state) -> tuple[steps.TrainState | None, Progress | None]:
     """The newest checkpoint that restores, with its Progress; (None, None) when there is none.
@@ -258,7 +283,7 @@ class Checkpoints:
           log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
                       "resumed from step %d", bad, why, moved, step)
         return restored
-      failed.append((step, one_line(error) if error is not None else
+      failed.append((step, _restore_reason(error) if error is not None else
                      "it failed in another process"))
     if failed:
       step, why = failed[0]

@@ -298,16 +298,20 @@ def test_a_corrupt_newest_checkpoint_is_one_line_every_time(tmp_path, folder):
   run_dir = tmp_path / "run"
   code, _, err = _finish(_main(run_dir, folder, iters=4))
   assert code == 0, err[-3000:]
-  for attempt in range(6):  # Orbax's background threads misbehaved now and then.
+  # The main.py path of both kinds of damage; test_run_safety repeats a restore in-process.
+  for attempt in range(2):
     newest = max(int(p.name) for p in (run_dir / run_files.CHECKPOINTS).iterdir()
                  if p.name.isdigit())
-    for f in sorted((run_dir / run_files.CHECKPOINTS / str(newest) / "state").rglob("*")):
-      if f.is_file() and f.stat().st_size > 100:
-        f.write_bytes(f.read_bytes()[:20])
+    files = [f for f in (run_dir / run_files.CHECKPOINTS / str(newest) / "state").rglob("*")
+             if f.is_file() and f.stat().st_size > 100]
+    # Every file cut short, or (what left Orbax's reads pending) only the largest array file.
+    for f in files if attempt % 2 else [max(files, key=lambda f: f.stat().st_size)]:
+      f.write_bytes(f.read_bytes()[:100])
     code, _, err = _finish(_main(run_dir, folder, iters=4 + 2 * (attempt + 1)))
     assert code == 0, err[-3000:]
     warnings = [l for l in err.splitlines() if "could not be restored" in l]
     assert len(warnings) == 1 and f"step {newest}" in warnings[0], err[-3000:]
+    assert "TensorStore(" not in warnings[0] and "size 100" in warnings[0], warnings[0]
     # Every stderr line is one of this package's (they start with the time).
     noise = [l for l in err.splitlines() if not re.match(r"\d\d:\d\d:\d\d ", l)]
     assert not noise, noise[:20]
