@@ -5,7 +5,8 @@ r"""Trains (or evaluates) one FracTrain run.
 The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10,
 cifar100 and wikitext103 (the Transformer LM), and frac_imagenet.
 Common overrides:
-  --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50
+  --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50,
+                                        resnet8 (small, for smoke runs), transformer_lm
   --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS),
                                         text:PATH (a WikiText folder, the LM's)
   --config.train.iters=2000             iterations (the paper: 64,000)
@@ -122,6 +123,16 @@ def main(argv):
   return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, whose mistakes (a value of the wrong type, an unknown flag) are one
+  ``error:`` line and status 2 like every other mistake, not absl's FATAL and status 1."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    print(f"error: {err} (--helpfull lists the flags)", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
 def _early_exit(argv: list[str]) -> int | None:
   """--help, --helpfull and mistakes in the config file or its overrides: one answer each,
   before absl parses anything."""
@@ -147,4 +158,4 @@ if __name__ == "__main__":
   status = _early_exit(sys.argv)
   if status is not None:
     sys.exit(status)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

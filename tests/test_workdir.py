@@ -332,6 +332,48 @@ def test_config_mistakes_are_one_line(argv, needle):
   assert line.startswith("error: unknown config key") and line.endswith(needle), line
 
 
+def test_a_misspelt_key_in_a_config_file_is_refused_like_on_the_command_line(tmp_path):
+  recipe = tmp_path / "my_recipe.py"
+  recipe.write_text("from configs import sbm_cifar10\n\n\ndef get_config():\n"
+                    "  c = sbm_cifar10.get_config()\n  c.optim.learning_rate = 0.01\n  return c\n")
+  done = subprocess.run([sys.executable, "main.py", "--config", str(recipe)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      f"error: unknown config key config.optim.learning_rate (set in config file "
+      f"{str(recipe)!r}); did you mean config.optim.lr?"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--config", "configs/sbm_cifar10.py", "--config.train.iters=abc"],
+     "error: flag --config.train.iters=abc: invalid literal for int() with base 10: 'abc'"),
+    (["--config", "configs/sbm_cifar10.py", "--workdr=/tmp/x"],
+     "error: Unknown command line flag 'workdr'. Did you mean: workdir ?"),
+    ([], "error: --config is required"),
+])
+def test_flag_mistakes_exit_2_with_one_error_line(argv, needle):
+  done = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 2
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith(needle), line
+
+
+def test_help_names_every_model():
+  from fractrain_jax import models  # pylint: disable=import-outside-toplevel
+
+  done = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0
+  text = done.stdout.split("--config.model.name=")[1].split("--config.data")[0]
+  spelt = set()
+  for token in re.findall(r"[a-z_]+[\d/]*\d|[a-z_]+", text):  # resnet20/38 is two names.
+    prefix = re.match(r"[a-z_]+", token).group()
+    spelt |= {prefix + n for n in token[len(prefix):].split("/")}
+  missing = (set(models.available()) | {models.LM}) - spelt
+  assert not missing, (missing, text)
+
+
 def test_a_config_file_syntax_error_names_its_line(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text("import ml_collections\n\n\ndef get_config(:\n  return None\n")
