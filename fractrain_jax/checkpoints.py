@@ -21,6 +21,7 @@ import shutil
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -129,6 +130,10 @@ def _restore_reason(err: BaseException, limit: int = 300) -> str:
   return (head + ": ".join(parts))[:limit]
 
 
+def _megabytes(size: int) -> str:
+  return f"{size / 1e6:.1f} MB"
+
+
 def _comparable(identity: dict) -> dict:
   """``identity`` with its dataset spelt as ``run_identity`` spells it now (older checkpoints
   hold the name as it was typed)."""
@@ -179,7 +184,21 @@ class Checkpoints:
       kept = [s for s in self._committed() if s != step]
       where = f"the newest checkpoint kept is step {kept[0]}" if kept else "no checkpoint is kept"
       raise StorageError(f"cannot write the checkpoint of step {step} in {self.directory} "
-                         f"({_reason(err)}); {where}") from None
+                         f"({_reason(err)}; {self._room(state, kept)}); {where}") from None
+
+  def _room(self, state: steps.TrainState, kept: list[int]) -> str:
+    """How much room the checkpoints need and how much is free, for a failed save's message."""
+    if kept:  # What Orbax wrote last time; else the arrays' own size, close to it.
+      size = sum(f.stat().st_size for f in (self.directory / str(kept[0])).rglob("*")
+                 if f.is_file())
+    else:
+      size = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+    try:
+      free = f", {_megabytes(shutil.disk_usage(self.directory).free)} free there"
+    except OSError:
+      free = ""
+    return (f"a checkpoint takes about {_megabytes(size)} and checkpoint.keep={self.keep} "
+            f"are kept{free}")
 
   def _committed(self) -> list[int]:
     """Committed checkpoints, newest first, read from the folder (the manager may be stale)."""

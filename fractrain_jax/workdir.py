@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import pathlib
+import secrets
 import socket
 import tempfile
 from typing import Any, Iterator
@@ -79,7 +80,9 @@ def replace_text(path: pathlib.Path, text: str, what: str) -> None:
   """Writes ``text`` to ``path`` atomically (a temporary file beside it, renamed): a crash
   leaves the old file or the new one, never a part."""
   with storage(path, what):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Created with mode 0666 as open() does, so the umask applies (mkstemp's is 0600).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
       with os.fdopen(fd, "w") as f:
         f.write(text)

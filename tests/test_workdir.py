@@ -143,6 +143,10 @@ def test_a_resume_that_cannot_continue_leaves_the_summary(tmp_path, iters):
   config = tiny_config("static", **{"train.iters": 4})
   summary = run_mock(config, tmp_path)
   text = (tmp_path / run_files.SUMMARY).read_text()
+  # The JSON files follow the umask, as metrics.jsonl and log.txt do (not mkstemp's 0600).
+  modes = {f: (tmp_path / f).stat().st_mode & 0o777 for f in
+           (run_files.CONFIG, run_files.SUMMARY, run_files.METRICS, run_files.LOG)}
+  assert len(set(modes.values())) == 1, modes
   config.train.iters = iters
   if iters == 4:  # Finished: the same summary, nothing trained.
     assert run_mock(config, tmp_path) == summary
@@ -152,6 +156,17 @@ def test_a_resume_that_cannot_continue_leaves_the_summary(tmp_path, iters):
       run_mock(config, tmp_path)
   assert (tmp_path / run_files.SUMMARY).read_text() == text
   assert_consistent(tmp_path, last_step=4)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_json_files_follow_the_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    workdir.write_json(tmp_path / run_files.CONFIG, {"a": 1})
+  finally:
+    os.umask(old)
+  assert (tmp_path / run_files.CONFIG).stat().st_mode & 0o777 == 0o666 & ~umask
+  assert [p.name for p in tmp_path.iterdir()] == [run_files.CONFIG]  # No temporary file left.
 
 
 # ---------------------------------------------------------------- divergence
@@ -263,6 +278,9 @@ def test_a_full_disk_stops_in_one_line_and_leaves_no_partial_checkpoint(tmp_path
     line = _error_line(err)
     assert "cannot write" in line and str(run_dir) in line
     assert ("No space left on device" in line or "File too large" in line), line
+    # How much room the run needs, so the user knows what to free.
+    assert re.search(r"a checkpoint takes about \d+\.\d MB and checkpoint.keep=3 are kept, "
+                     r"\d+\.\d MB free there\)", line), line
     assert not list(run_dir.glob(f"{run_files.CHECKPOINTS}/*orbax-checkpoint-tmp*"))
     found = re.search(r"the newest checkpoint kept is step (\d+)", line)
     assert found or "no checkpoint is kept" in line, line
