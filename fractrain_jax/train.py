@@ -175,6 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
       # A workdir of another run is refused before anything in it is written.
       checkpoints.check_identity(run_identity(config))
+      # A record with no checkpoint is refused rather than replaced by a new start.
+      orphan = run_record.record_without_checkpoint(workdir, bool(checkpoints.steps()))
+      if processes.agree_any(orphan is not None):  # Every process refuses, or none.
+        raise ResumeError(orphan or f"{workdir}: another process found a record without a "
+                          "checkpoint")
       with RunLog(workdir) if writer else contextlib.nullcontext():
         return _train(_setup(config, workdir, checkpoints), stop_at)
     finally:

@@ -16,6 +16,8 @@ files agree after any crash:
   if a crash lost it), so its lines are exactly the evaluations up to the
   newest good checkpoint; TensorBoard's history is rebuilt from those lines.
 - ``write_json``: ``config.json`` and ``summary.json``, atomically, strict JSON.
+- ``record_without_checkpoint``: a record (metrics lines, a summary)
+  with no checkpoint to go on from is refused, never replaced by a new start.
 
 Every write failure (permissions, a full disk, a quota) becomes one
 ``StorageError`` naming the path.
@@ -171,6 +173,23 @@ class Lock:
     self._file.close()  # Closing releases the flock.
     with contextlib.suppress(OSError):
       self.path.unlink()
+
+
+def record_without_checkpoint(workdir: pathlib.Path, has_checkpoint: bool) -> str | None:
+  """The refusal of a workdir whose record (metrics lines, a summary) has no checkpoint to
+  go on from, as starting over would silently replace that record; None otherwise."""
+  lines = MetricsFile(workdir, write=False).read()
+  summary = (workdir / run_files.SUMMARY).exists()
+  if has_checkpoint or not (lines or summary):
+    return None
+  held = [f"{len(lines)} lines in {run_files.METRICS}, up to step {lines[-1].get('step')}"
+          ] if lines else []
+  held += [run_files.SUMMARY] if summary else []
+  names = " and ".join(f for f in (run_files.METRICS, run_files.SUMMARY)
+                       if (workdir / f).exists())
+  return (f"{workdir} holds the record of an earlier run ({', '.join(held)}) but no "
+          f"checkpoint to resume from in {workdir / run_files.CHECKPOINTS}; to start over, "
+          f"move {names} aside (or delete them), or use another --workdir")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:

@@ -363,6 +363,12 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match=f"{no_classes / 'train'} has no class subfolders"):
     data.load_arrays(f"folder:{no_classes}")
 
+  one_class = _write_folder(str(tmp_path / "one_class"),
+                            {s: {"cat": c["cat"]} for s, c in _two_class_layout().items()})
+  with pytest.raises(ValueError, match=f"{os.path.join(one_class, 'train')} has one class "
+                     r"subfolder \(cat\); a classification dataset needs at least 2"):
+    data.load_arrays(f"folder:{one_class}")
+
   layout = _two_class_layout()
   layout["test"]["bird"] = _images(1)
   mismatch = _write_folder(str(tmp_path / "mismatch"), layout)

@@ -419,6 +419,33 @@ def test_a_failed_start_writes_its_error_to_log_and_leaves_no_empty_folder(tmp_p
   assert sorted(p.name for p in run_dir.iterdir()) == [run_files.LOG]
 
 
+def test_a_record_without_checkpoints_is_refused_not_replaced(tmp_path, folder):
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  record = {run_files.METRICS: '{"step": 2, "test_acc": 50.0}\n{"step": 4, "test_acc": 75.0}\n',
+            run_files.SUMMARY: '{"final_test_acc": 75.0}\n'}
+  for name, text in record.items():  # checkpoints/ deleted, the record kept.
+    (run_dir / name).write_text(text)
+  code, _, err = _finish(_main(run_dir, folder), timeout=120)
+  assert code == 2, err[-3000:]
+  line = _error_line(err)
+  assert (f"{run_dir} holds the record of an earlier run (2 lines in metrics.jsonl, up to step "
+          "4, summary.json) but no checkpoint to resume from") in line, line
+  assert "to start over, move metrics.jsonl and summary.json aside" in line, line
+  assert {n: (run_dir / n).read_text() for n in record} == record
+  assert not (run_dir / run_files.CHECKPOINTS).exists()
+
+
+def test_a_one_class_folder_is_refused(tmp_path):
+  one = _image_folder(tmp_path / "one", per_class=2)
+  for split in ("train", "test"):
+    shutil.rmtree(one / split / "dog")
+  code, _, err = _finish(_main(tmp_path / "run", one), timeout=120)
+  assert code == 2, err[-3000:]
+  assert (f"{one / 'train'} has one class subfolder (cat); a classification dataset needs at "
+          "least 2") in _error_line(err)
+
+
 def test_the_same_folder_spelt_differently_is_the_same_run(tmp_path, folder):
   run_dir = tmp_path / "run"
   code, _, err = _finish(_main(run_dir, folder, iters=2))
