@@ -29,6 +29,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -49,6 +50,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for jax.distributed.initialize (several processes).")
 flags.DEFINE_integer("num_processes", None, "How many processes run this job.")
 flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
+flags.DEFINE_integer("distributed_timeout", 300,
+                     "Seconds to wait for every process to connect to the coordinator before "
+                     "giving up (several processes).", lower_bound=1)
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled steps in JAX's persistent cache (under the project's cache "
                   "folder), so that a restart or resume of the same config skips the compile.")
@@ -82,6 +86,43 @@ def _leave_now(signum, frame):
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
+# A start of several processes that takes longer than this says what it waits for.
+_WAIT_NOTE_S = 3.0
+
+
+def _connect(jax, launch: dict) -> None:
+  """jax.distributed.initialize, which says nothing while it waits for the other processes:
+  after a few seconds this says what it waits for, and after --distributed_timeout it gives
+  up in one line (JAX's own limit aborts the process with a C++ stack trace)."""
+  limit = FLAGS.distributed_timeout
+  if launch:
+    count, address = launch.get("num_processes", "?"), launch.get("coordinator_address", "?")
+    what = (f"all {count} processes at the coordinator {address} (this is process "
+            f"{launch.get('process_id', '?')})")
+  else:
+    what = "all processes (coordinator and ranks as JAX detects them)"
+
+  def waiting():
+    pylogging.getLogger("fractrain_jax").info(
+        "Waiting for %s; giving up after %d s (--distributed_timeout)", what, limit)
+
+  def give_up():
+    print(f"error: gave up waiting for {what} after {limit} s (--distributed_timeout); "
+          "start each with the same --coordinator_address and --num_processes and its own "
+          "--process_id", file=sys.stderr, flush=True)
+    os._exit(USAGE_ERROR)  # pylint: disable=protected-access
+
+  timers = [threading.Timer(_WAIT_NOTE_S, waiting), threading.Timer(limit, give_up)]
+  for timer in timers:
+    timer.daemon = True
+    timer.start()
+  try:
+    jax.distributed.initialize(**launch, initialization_timeout=limit + 60)
+  finally:
+    for timer in timers:
+      timer.cancel()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -101,7 +142,7 @@ def main(argv):
   launch = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")
             if FLAGS[k].value is not None}
   if launch or FLAGS.distributed:
-    jax.distributed.initialize(**launch)
+    _connect(jax, launch)
     if jax.process_index() != 0:  # Process 0 prints the progress; the others only problems.
       pylogging.getLogger("fractrain_jax").setLevel(pylogging.WARNING)
   config_path = flags.FLAGS["config"].config_filename
