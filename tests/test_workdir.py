@@ -329,7 +329,9 @@ def test_a_corrupt_newest_checkpoint_is_one_line_every_time(tmp_path, folder):
     assert code == 0, err[-3000:]
     warnings = [l for l in err.splitlines() if "could not be restored" in l]
     assert len(warnings) == 1 and f"step {newest}" in warnings[0], err[-3000:]
-    assert "TensorStore(" not in warnings[0] and "size 100" in warnings[0], warnings[0]
+    assert "TensorStore(" not in warnings[0], warnings[0]
+    if attempt == 0:  # TensorStore's own reason for the array file, not Orbax's wrapper.
+      assert "is not valid for value of size 100)" in warnings[0], warnings[0]
     # Every stderr line is one of this package's (they start with the time).
     noise = [l for l in err.splitlines() if not re.match(r"\d\d:\d\d:\d\d ", l)]
     assert not noise, noise[:20]
