@@ -185,11 +185,11 @@ def record_without_checkpoint(workdir: pathlib.Path, has_checkpoint: bool) -> st
   held = [f"{len(lines)} lines in {run_files.METRICS}, up to step {lines[-1].get('step')}"
           ] if lines else []
   held += [run_files.SUMMARY] if summary else []
-  names = " and ".join(f for f in (run_files.METRICS, run_files.SUMMARY)
-                       if (workdir / f).exists())
+  names = [f for f in (run_files.METRICS, run_files.SUMMARY) if (workdir / f).exists()]
   return (f"{workdir} holds the record of an earlier run ({', '.join(held)}) but no "
           f"checkpoint to resume from in {workdir / run_files.CHECKPOINTS}; to start over, "
-          f"move {names} aside (or delete them), or use another --workdir")
+          f"move {' and '.join(names)} aside (or delete {'them' if len(names) > 1 else 'it'}), "
+          "or use another --workdir")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
