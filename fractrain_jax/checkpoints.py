@@ -122,7 +122,7 @@ def _restore_reason(err: BaseException, limit: int = 300) -> str:
   root = err
   while root.__cause__ is not None:
     root = root.__cause__
-  text = first_line(root).split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
+  text = re.split(r" \[tensorstore_spec| See full TensorStore details", first_line(root))[0]
   parts = re.split(r": (?=[A-Z])", text)
   head = f"{type(root).__name__}: "
   while len(parts) > 2 and len(head) + len(": ".join(parts)) > limit:
@@ -131,7 +131,8 @@ def _restore_reason(err: BaseException, limit: int = 300) -> str:
 
 
 def _megabytes(size: int) -> str:
-  return f"{size / 1e6:.1f} MB"
+  """``0.6 MB``, ``82.8 GB``."""
+  return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
 
 
 def _comparable(identity: dict) -> dict:

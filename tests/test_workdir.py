@@ -280,7 +280,7 @@ def test_a_full_disk_stops_in_one_line_and_leaves_no_partial_checkpoint(tmp_path
     assert ("No space left on device" in line or "File too large" in line), line
     # How much room the run needs, so the user knows what to free.
     assert re.search(r"a checkpoint takes about \d+\.\d MB and checkpoint.keep=3 are kept, "
-                     r"\d+\.\d MB free there\)", line), line
+                     r"\d+\.\d [MG]B free there\)", line), line
     assert not list(run_dir.glob(f"{run_files.CHECKPOINTS}/*orbax-checkpoint-tmp*"))
     found = re.search(r"the newest checkpoint kept is step (\d+)", line)
     assert found or "no checkpoint is kept" in line, line
