@@ -5,9 +5,10 @@ r"""Trains (or evaluates) one FracTrain run.
 The recipes in configs/: fp32_, sbm_, pfq_, dfq_ and frac_ for cifar10,
 cifar100 and wikitext103 (the Transformer LM), and frac_imagenet.
 Common overrides:
-  --config.model.name=resnet74          resnet8/20/38/74/110/152, mobilenet_v2, resnet18/34/50,
-                                        transformer_lm, or package.module:factory: a model
-                                        of your own (config.model.blocks, .quantize, .options)
+  --config.model.name=resnet74          resnet20/38/74/110/152, mobilenet_v2, resnet18/34/50,
+                                        resnet8 (small, for smoke runs), transformer_lm, or
+                                        package.module:factory, a model of your own
+                                        (config.model.options, .blocks, .quantize)
   --config.data.dataset=folder:PATH     or cifar10, cifar100, imagenet2012 (TFDS),
                                         text:PATH (a WikiText folder, the LM's)
   --config.train.iters=2000             iterations (the paper: 64,000)
@@ -30,6 +31,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -50,6 +52,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for jax.distributed.initialize (several processes).")
 flags.DEFINE_integer("num_processes", None, "How many processes run this job.")
 flags.DEFINE_integer("process_id", None, "This process's rank, 0..num_processes-1.")
+flags.DEFINE_integer("distributed_timeout", 300,
+                     "Seconds to wait for every process to connect to the coordinator before "
+                     "giving up (several processes).", lower_bound=1)
 flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled steps in JAX's persistent cache (under the project's cache "
                   "folder), so that a restart or resume of the same config skips the compile.")
@@ -83,6 +88,43 @@ def _leave_now(signum, frame):
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
+# A start of several processes that takes longer than this says what it waits for.
+_WAIT_NOTE_S = 3.0
+
+
+def _connect(jax, launch: dict) -> None:
+  """jax.distributed.initialize, which says nothing while it waits for the other processes:
+  after a few seconds this says what it waits for, and after --distributed_timeout it gives
+  up in one line (JAX's own limit aborts the process with a C++ stack trace)."""
+  limit = FLAGS.distributed_timeout
+  if launch:
+    count, address = launch.get("num_processes", "?"), launch.get("coordinator_address", "?")
+    what = (f"all {count} processes at the coordinator {address} (this is process "
+            f"{launch.get('process_id', '?')})")
+  else:
+    what = "all processes (coordinator and ranks as JAX detects them)"
+
+  def waiting():
+    pylogging.getLogger("fractrain_jax").info(
+        "Waiting for %s; giving up after %d s (--distributed_timeout)", what, limit)
+
+  def give_up():
+    print(f"error: gave up waiting for {what} after {limit} s (--distributed_timeout); "
+          "start each with the same --coordinator_address and --num_processes and its own "
+          "--process_id", file=sys.stderr, flush=True)
+    os._exit(USAGE_ERROR)  # pylint: disable=protected-access
+
+  timers = [threading.Timer(_WAIT_NOTE_S, waiting), threading.Timer(limit, give_up)]
+  for timer in timers:
+    timer.daemon = True
+    timer.start()
+  try:
+    jax.distributed.initialize(**launch, initialization_timeout=limit + 60)
+  finally:
+    for timer in timers:
+      timer.cancel()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -102,7 +144,7 @@ def main(argv):
   launch = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")
             if FLAGS[k].value is not None}
   if launch or FLAGS.distributed:
-    jax.distributed.initialize(**launch)
+    _connect(jax, launch)
     if jax.process_index() != 0:  # Process 0 prints the progress; the others only problems.
       pylogging.getLogger("fractrain_jax").setLevel(pylogging.WARNING)
   config_path = flags.FLAGS["config"].config_filename
@@ -122,6 +164,16 @@ def main(argv):
   if "signal" in result:
     return 128 + result["signal"]  # The shell's convention: 130 after Ctrl-C.
   return 0
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, whose mistakes (a value of the wrong type, an unknown flag) are one
+  ``error:`` line and status 2 like every other mistake, not absl's FATAL and status 1."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as err:
+    print(f"error: {err} (--helpfull lists the flags)", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
 
 
 def _early_exit(argv: list[str]) -> int | None:
@@ -152,4 +204,4 @@ if __name__ == "__main__":
   status = _early_exit(sys.argv)
   if status is not None:
     sys.exit(status)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -21,12 +21,14 @@ import shutil
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from fractrain_jax import attach, data, methods, models, processes, run_files, steps
+from fractrain_jax.orbax_loops import draining
 from fractrain_jax.workdir import strict
-from fractrain_jax.errors import ResumeError, StorageError, one_line
+from fractrain_jax.errors import ResumeError, StorageError, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,31 @@ def _reason(err: BaseException) -> str:
   return one_line(err)
 
 
+def _restore_reason(err: BaseException, limit: int = 300) -> str:
+  """Why a checkpoint did not restore, in one line of at most ``limit`` characters.
+
+  The innermost error Orbax wrapped (TensorStore's own words), without the
+  TensorStore spec that Orbax and TensorStore append. TensorStore nests its
+  reasons ("CODE: Error opening ...: Error reading ...: what failed"); where the
+  whole is too long, outer ones are dropped first, so the file and what went
+  wrong with it stay.
+  """
+  root = err
+  while root.__cause__ is not None:
+    root = root.__cause__
+  text = re.split(r" \[tensorstore_spec| See full TensorStore details", first_line(root))[0]
+  parts = re.split(r": (?=[A-Z])", text)
+  head = f"{type(root).__name__}: "
+  while len(parts) > 2 and len(head) + len(": ".join(parts)) > limit:
+    del parts[1]
+  return (head + ": ".join(parts))[:limit]
+
+
+def _megabytes(size: int) -> str:
+  """``0.6 MB``, ``82.8 GB``."""
+  return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.1f} GB"
+
+
 def _comparable(identity: dict) -> dict:
   """``identity`` with its dataset spelt as ``run_identity`` spells it now (older checkpoints
   hold the name as it was typed)."""
@@ -151,10 +178,11 @@ class Checkpoints:
     """Commits checkpoint ``step``; StorageError (one line) when it cannot be written, with
     its partial folder removed and the newest committed checkpoint named."""
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          meta=ocp.args.JsonSave(strict(dataclasses.asdict(progress)))), force=True)
-      self.manager.wait_until_finished()
+      with draining():
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(strict(dataclasses.asdict(progress)))), force=True)
+        self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       # Let Orbax's background writers end before their partial folder is removed.
       for finish in (self.manager.wait_until_finished, self.manager.close):
@@ -165,7 +193,21 @@ class Checkpoints:
       kept = [s for s in self._committed() if s != step]
       where = f"the newest checkpoint kept is step {kept[0]}" if kept else "no checkpoint is kept"
       raise StorageError(f"cannot write the checkpoint of step {step} in {self.directory} "
-                         f"({_reason(err)}); {where}") from None
+                         f"({_reason(err)}; {self._room(state, kept)}); {where}") from None
+
+  def _room(self, state: steps.TrainState, kept: list[int]) -> str:
+    """How much room the checkpoints need and how much is free, for a failed save's message."""
+    if kept:  # What Orbax wrote last time; else the arrays' own size, close to it.
+      size = sum(f.stat().st_size for f in (self.directory / str(kept[0])).rglob("*")
+                 if f.is_file())
+    else:
+      size = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+    try:
+      free = f", {_megabytes(shutil.disk_usage(self.directory).free)} free there"
+    except OSError:
+      free = ""
+    return (f"a checkpoint takes about {_megabytes(size)} and checkpoint.keep={self.keep} "
+            f"are kept{free}")
 
   def _committed(self) -> list[int]:
     """Committed checkpoints, newest first, read from the folder (the manager may be stale)."""
@@ -189,7 +231,8 @@ class Checkpoints:
     return sorted(self.manager.all_steps(), reverse=True)
 
   def read_meta(self, step: int) -> Progress:
-    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    with draining():
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return Progress.from_dict(out["meta"])
 
   def move_aside(self, step: int, why: str) -> pathlib.Path:
@@ -228,23 +271,25 @@ class Checkpoints:
   def _restore_state(self, step: int, abstract_state: steps.TrainState):
     """The arrays and Progress of checkpoint ``step``, also one written under older field names."""
     def read(target):
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      with draining():  # A failed read ends every other read before it returns.
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       return out["state"], Progress.from_dict(out["meta"])
 
     try:
       return read(abstract_state)
-    except Exception as first:  # pylint: disable=broad-except
-      fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-      renamed = {old: new for old, new in _RENAMED_FIELDS.items() if new in fields}
-      if not renamed:
-        raise
+    except Exception as err:  # pylint: disable=broad-except
+      first = err
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    renamed = {old: new for old, new in _RENAMED_FIELDS.items() if new in fields}
+    if renamed:
       old_of = {new: old for old, new in renamed.items()}
       try:  # The names on disk, then the new ones.
         state, progress = read({old_of.get(k, k): v for k, v in fields.items()})
+        return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
       except Exception:  # pylint: disable=broad-except
-        raise first from None
-      return steps.TrainState(**{renamed.get(k, k): v for k, v in state.items()}), progress
+        pass
+    raise first  # Raised outside an except block: its cause stays TensorStore's reason.
 
   def restore(self, abstract_state) -> tuple[steps.TrainState | None, Progress | None]:
     """The newest checkpoint that restores, with its Progress; (None, None) when there is none.
@@ -266,7 +311,7 @@ class Checkpoints:
           log.warning("Checkpoint of step %d could not be restored (%s); moved it to %s and "
                       "resumed from step %d", bad, why, moved, step)
         return restored
-      failed.append((step, one_line(error) if error is not None else
+      failed.append((step, _restore_reason(error) if error is not None else
                      "it failed in another process"))
     if failed:
       step, why = failed[0]

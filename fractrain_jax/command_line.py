@@ -2,22 +2,20 @@
 
 ``check(argv)`` loads the config file the way ``ml_collections.config_flags``
 will (so a syntax error becomes ``FILE:LINE: message``, and an exception in
-``get_config()`` one line), then checks that every ``--config.KEY=VALUE``
-names a key the config has, suggesting the nearest one
-(``did you mean config.train.iters?``). No JAX is imported here: main.py calls
+``get_config()`` one line), then checks that every ``--config.KEY=VALUE``,
+and every key the file sets, is one of the schema's (``defaults.py``),
+suggesting the nearest one (``did you mean config.train.iters?``). No JAX is imported here: main.py calls
 it before it sets up the backend.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import pathlib
 import traceback
 from typing import Any, Sequence
 
-import ml_collections
-
+from fractrain_jax import defaults
 from fractrain_jax.errors import one_line
 
 CONFIG_FLAG = "--config"
@@ -38,15 +36,6 @@ def _overrides(argv: Sequence[str]) -> list[str]:
   for arg in argv[1:]:
     if arg.startswith(CONFIG_FLAG + "."):
       keys.append(arg[len(CONFIG_FLAG) + 1:].split("=", 1)[0])
-  return keys
-
-
-def _flat_keys(config: Any, prefix: str = "") -> list[str]:
-  keys = []
-  for key, value in config.items():
-    keys.append(prefix + key)
-    if isinstance(value, ml_collections.ConfigDict):
-      keys += _flat_keys(value, f"{prefix}{key}.")
   return keys
 
 
@@ -86,17 +75,21 @@ def check(argv: Sequence[str]) -> str | None:
   """The one-line error of ``argv``'s config file or overrides; None when they are good."""
   path = _config_path(argv)
   if path is None:
-    return None  # absl says that --config is required.
+    return ("--config is required: a recipe from configs/ "
+            "(e.g. --config configs/frac_cifar10.py)")
   config, error = load(path)
   if error is not None:
     return error
-  known = _flat_keys(config)
+  known = set(defaults.keys(defaults.get_config()))
   for key in _overrides(argv):
-    if key in known:
-      continue
-    near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = (f"; did you mean config.{near[0]}?" if near
-            else "; the keys are in fractrain_jax/defaults.py")
-    return f"unknown config key config.{key} (in --config.{key}=...){hint}"
+    free = next((f for f in defaults.FREE_FORM if key.startswith(f + ".")), None)
+    if free is not None:
+      return (f"--config.{key}=...: config.{free} takes the factory's options as one Python "
+              f"dict, e.g. --config.{free}=\"{{'{key[len(free) + 1:]}': VALUE}}\"")
+    if key not in known:
+      return defaults.unknown_key_error(key, f"in --config.{key}=...")
+  # A ConfigDict takes a new key silently: a typo in the file would train at the default.
+  key = defaults.unknown_key(config)
+  if key is not None:
+    return defaults.unknown_key_error(key, f"set in config file {path!r}")
   return None
-

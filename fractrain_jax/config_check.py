@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
-from fractrain_jax import attach, cost, data, methods, models, optim, quant
+from fractrain_jax import attach, cost, data, defaults, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError, os_reason
 from fractrain_jax.workdir import probe_write
 from fractrain_jax.data import text as text_data
@@ -286,8 +286,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Every key is checked whatever the method, so a recipe file cannot carry a
   broken setting that surfaces only when someone switches methods; then the
   method checks what only its semantics define (``methods.Method.check``: the
-  PFQ stage count, the FracTrain final target, the gated LM's forward).
+  PFQ stage count, the FracTrain final target, the gated LM's forward). A key
+  the schema lacks is refused first: a ConfigDict takes a misspelt key
+  silently, and the run would train at the default.
   """
+  unknown = defaults.unknown_key(config)
+  if unknown is not None:
+    raise ConfigError(defaults.unknown_key_error(unknown))
   method = methods.get(_choice(config, "method", methods.names()))
   seed = _get(config, "seed")
   if not _is_int(seed):

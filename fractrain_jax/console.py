@@ -68,6 +68,15 @@ class StopRequests:
       signal.signal(s, h)
 
 
+def signal_text(signum: int, process: int, processes: int) -> str:
+  """``SIGINT (signal 2)``, and with several processes which one received it."""
+  try:
+    name = f"{signal.Signals(signum).name} (signal {signum})"
+  except ValueError:
+    name = f"signal {signum}"
+  return name if processes == 1 else f"{name} received by process {process}"
+
+
 class RunLog:
   """A copy of this package's log lines in WORKDIR/log.txt while the run lasts."""
 

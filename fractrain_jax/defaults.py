@@ -4,8 +4,12 @@ Full-precision ResNet-38 on CIFAR-10: SGD with momentum 0.9, weight decay 1e-4,
 lr 0.1, batch 128, 64,000 iterations with lr x0.1 at 32,000 and 48,000. The
 library's schema: ``config_check`` accepts exactly these keys, the benchmark
 builds its configs from here, and every recipe in ``configs/`` starts from it
-(``configs/default.py`` is this recipe).
+(``configs/default.py`` is this recipe). ``unknown_key`` finds a key the
+schema lacks (a ConfigDict takes a misspelt one silently) and
+``unknown_key_error`` refuses it in one line naming the nearest key.
 """
+
+import difflib
 
 import ml_collections
 from ml_collections import config_dict
@@ -82,9 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Side of the random-resized train crops and eval center crops of the streamed
   # ImageNet pipeline; in-memory (CIFAR-sized) data keeps its stored size.
   config.data.image_size = 224
-  # Let TFDS download and prepare the dataset; False fails fast when it is
-  # not prepared under data_dir.
-  config.data.download = False
+  # Let TFDS download (with progress) and prepare cifar10 / cifar100 once under
+  # data_dir when they are not there; offline this fails in one line within
+  # seconds. imagenet2012 cannot be downloaded by TFDS: its manual files are
+  # named instead. False fails fast when the dataset is not prepared.
+  config.data.download = True
   # Per-channel normalization of the images: 'auto' (the data source's own:
   # SPEC section 6's CIFAR-10 figures for cifar10 and cifar100, as the paper,
   # ImageNet's published figures for imagenet2012, and for folder:PATH the
@@ -211,3 +217,51 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.keep = 3
 
   return config
+
+
+# Sections whose keys are the user's, not the schema's: a factory's keyword options.
+FREE_FORM = ("model.options",)
+
+
+def keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every key of ``config``, dotted, sections included (``train``, ``train.iters``);
+  the keys inside a ``FREE_FORM`` section are not the schema's and are left out."""
+  found = []
+  for key, value in config.items():
+    found.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict) and prefix + key not in FREE_FORM:
+      found += keys(value, f"{prefix}{key}.")
+  return found
+
+
+def unknown_key(config: ml_collections.ConfigDict) -> str | None:
+  """The first key of ``config`` that this schema lacks (a typo a ConfigDict accepts
+  silently); None when every key is known."""
+  known = set(keys(get_config()))
+  return next((key for key in keys(config) if key not in known), None)
+
+
+def _initials(name: str) -> str:
+  return "".join(word[0] for word in name.split("_") if word)
+
+
+def nearest_key(key: str) -> str | None:
+  """The schema's key nearest to ``key``: one of its section whose name is the initials of
+  ``key``'s (``learning_rate``: ``lr``) or the other way round, else the closest spelling."""
+  known = keys(get_config())
+  section, _, name = key.rpartition(".")
+  for candidate in known:
+    other_section, _, other = candidate.rpartition(".")
+    if other_section == section and len(other) > 1 and len(name) > 1 and (
+        other == _initials(name) or name == _initials(other)):
+      return candidate
+  near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+  return near[0] if near else None
+
+
+def unknown_key_error(key: str, where: str = "") -> str:
+  """One line refusing ``key`` (``where``: how it was given), naming the nearest known key."""
+  near = nearest_key(key)
+  hint = (f"; did you mean config.{near}?" if near
+          else "; the keys are in fractrain_jax/defaults.py")
+  return f"unknown config key config.{key}{f' ({where})' if where else ''}{hint}"

@@ -11,9 +11,10 @@ of each step and in Orbax's checkpoint saves and restores. What differs:
   processes; each feeds the rows of its own devices and the global array is
   assembled with ``jax.make_array_from_process_local_data`` (one process:
   the whole batch, as before).
-- ``agree_any``: a decision every process must take at the same step (a
-  signal that reached one of them) becomes the same on all; ``barrier``
-  waits for all. Both are no-ops with one process.
+- ``agree_any``: a decision every process must take at the same step
+  becomes the same on all; ``gather_ints`` gives every process each one's
+  value (which signal reached which process); ``barrier`` waits for all.
+  All are no-ops with one process.
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ def global_batch(sharding: jax.sharding.Sharding, tree: Any, *, local: bool = Fa
   return jax.tree.map(one, tree)
 
 
-def agree_any(flag: bool) -> bool:
-  """True on every process when ``flag`` is True on any of them (a collective)."""
+def gather_ints(value: int) -> list[int]:
+  """``value`` of every process, in process order (a collective)."""
   if jax.process_count() == 1:
-    return bool(flag)
+    return [int(value)]
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+  return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).ravel()]
+
+
+def agree_any(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any of them (a collective)."""
+  return any(gather_ints(bool(flag)))
 
 
 def barrier(name: str) -> None:

@@ -25,6 +25,10 @@ against the same layers at 8/8 bits), shows what a method saves where a
 full-precision layer dominates the whole model (the LM's output layer).
 Gated runs also get a table of each block's candidate mix (the LM's blocks
 are its attention and MLP sublayers).
+
+Image classifiers and language models given together get a table each (test
+accuracy, test perplexity) and a figure each: token accuracy is never shown
+as if it were image accuracy.
 """
 
 from __future__ import annotations
@@ -106,20 +110,37 @@ def _steer_cell(run: Run) -> str:
 def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
   """One row per run, then a line saying what each relative cost is relative to.
 
-  A table of language-model runs only shows test perplexity where the others
-  show accuracy.
+  Each task's runs get their own table, under a heading when both are there: image
+  classifiers show test accuracy, language models test perplexity.
   """
   names = labels(runs)
-  lm = bool(runs) and all(r.is_lm for r in runs)
+  groups = [[(run, name) for run, name in zip(runs, names) if run.is_lm == lm]
+            for lm in (False, True)]
+  groups = [group for group in groups if group]
+  if len(groups) == 1:
+    return _task_table(groups[0], runs, names, baseline)
+  return "\n".join(f"### {TASK_HEADINGS[group[0][0].is_lm]}\n\n"
+                   + _task_table(group, runs, names, baseline) for group in groups)
+
+
+TASK_HEADINGS = {False: "Image classification (test accuracy)",
+                 True: "Language model (test perplexity)"}
+
+
+def _task_table(rows: Sequence[tuple[Run, str]], runs: Sequence[Run], names: Sequence[str],
+                baseline: Run | None) -> str:
+  """The table of ``rows``, runs of one task; ``runs`` and ``names`` are all the report's
+  (an 8-bit baseline may be any of them)."""
+  lm = rows[0][0].is_lm
   result = ["final test ppl", "best test ppl"] if lm else ["final acc (%)", "best acc (%)"]
-  quantized = any(r.cost_quantized is not None for r in runs)
+  quantized = any(r.cost_quantized is not None for r, _ in rows)
   header = ["run", "method", "model", "status", *result,
             "whole-model cost (MACs)", "vs 8-bit", "paper-convention cost (MACs)", "paper vs 8-bit",
             *(["quantized-layer cost (MACs)", "quantized vs 8-bit"] if quantized else []),
             "steering cp (%)", "whole-model cp (%)", "turning points", "wall"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   sources: dict[str, list[str]] = {}
-  for run, name in zip(runs, names):
+  for run, name in rows:
     base = baseline_for(run, runs, names, baseline)
     sources.setdefault(base.source, []).append(name)
     total = run.iters if run.iters is not None else "?"
@@ -144,7 +165,7 @@ def markdown_table(runs: Sequence[Run], baseline: Run | None = None) -> str:
                  "(n/a before summary.json).")
   for source, who in sources.items():
     lines.append(f"vs 8-bit for {', '.join(f'`{w}`' for w in who)}: relative to {source}.")
-  if any(not r.finished for r in runs):
+  if any(not r.finished for r, _ in rows):
     lines.append("Unfinished runs (no summary.json): figures so far, from the last metrics line.")
   return "\n".join(lines) + "\n"
 

@@ -182,18 +182,26 @@ def plot_choices(run: Run, name: str, path: Path) -> Path | None:
   return _save(fig, path)
 
 
+def _columns(pairs: Sequence[tuple[Run, str]]) -> tuple[list[Run], list[str]]:
+  return [run for run, _ in pairs], [name for _, name in pairs]
+
+
 def plot_all(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
   """Write every figure into `out_dir` (created if needed); returns their paths."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   names = labels(runs)
-  if runs and all(r.is_lm for r in runs):
-    paths = [plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_cost.png", key="test_ppl")]
-    if any(r.cost_quantized is not None for r in runs):
-      paths.append(plot_acc_vs_cost(runs, names, out_dir / "ppl_vs_quantized_cost.png",
+  # One task per figure: token accuracy and image accuracy are not one axis.
+  images = [(r, n) for r, n in zip(runs, names) if not r.is_lm]
+  lms = [(r, n) for r, n in zip(runs, names) if r.is_lm]
+  paths = []
+  if images or not lms:
+    paths.append(plot_acc_vs_cost(*_columns(images), out_dir / "acc_vs_cost.png"))
+  if lms:
+    paths.append(plot_acc_vs_cost(*_columns(lms), out_dir / "ppl_vs_cost.png", key="test_ppl"))
+    if any(r.cost_quantized is not None for r, _ in lms):
+      paths.append(plot_acc_vs_cost(*_columns(lms), out_dir / "ppl_vs_quantized_cost.png",
                                     key="test_ppl", cost_key="cost_quantized"))
-  else:
-    paths = [plot_acc_vs_cost(runs, names, out_dir / "acc_vs_cost.png")]
   for run, name in zip(runs, names):
     paths.append(plot_precision(run, name, out_dir / f"precision_{_file_stem(name)}.png"))
     choices = plot_choices(run, name, out_dir / f"choices_{_file_stem(name)}.png")

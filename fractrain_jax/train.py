@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import pathlib
-import signal
 import time
 from typing import Any, Iterator
 
@@ -178,6 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     try:
       # A workdir of another run is refused before anything in it is written.
       checkpoints.check_identity(run_identity(config))
+      # A record with no checkpoint is refused rather than replaced by a new start.
+      orphan = run_record.record_without_checkpoint(workdir, bool(checkpoints.steps()))
+      if processes.agree_any(orphan is not None):  # Every process refuses, or none.
+        raise ResumeError(orphan or f"{workdir}: another process found a record without a "
+                          "checkpoint")
       with RunLog(workdir) if writer else contextlib.nullcontext():
         return _train(_setup(config, workdir, checkpoints), stop_at)
     finally:
@@ -320,18 +324,22 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
               _throughput(setup, speed.per_second(step, bs)), speed.eta(step, setup.total_iters)))
           interval = IntervalMetrics()
         # Several processes stop at one step: they agree where the loop waits for the
-        # steps anyway (a signal may have reached only one of them).
-        stopping = (stop.requested if processes.count() == 1
-                    else flushed and processes.agree_any(stop.requested))
+        # steps anyway (a signal may have reached only one of them), each process's signal.
+        if processes.count() == 1:
+          received = [stop.signum or 0]
+        else:
+          received = processes.gather_ints(stop.signum or 0) if flushed else [0]
+        stopping = any(received)
         if not at_eval and (stopping or step == stop_at):
           progress.wall_s = wall_base + time.perf_counter() - t_start
           progress.indicator, progress.interval = indicator.state_dict(), interval.state_dict()
           progress.train_loss = interval.mean("ce")
           setup.checkpoints.save(step, state, progress)
         if stopping:
-          signum = stop.signum or signal.SIGTERM  # The signal reached another process.
-          log.warning("Stopped at step %d with a checkpoint (signal %d); run again with the "
-                      "same workdir to resume", step, signum)
+          # The first process a signal reached; every process exits with its status.
+          who, signum = next((i, s) for i, s in enumerate(received) if s)
+          log.warning("Stopped at step %d with a checkpoint (%s); run again with the same "
+                      "workdir to resume", step, console.signal_text(signum, who, len(received)))
           return state, step, {"stopped_at": step, "signal": signum}
     finally:
       bar.close()

@@ -16,6 +16,8 @@ files agree after any crash:
   if a crash lost it), so its lines are exactly the evaluations up to the
   newest good checkpoint; TensorBoard's history is rebuilt from those lines.
 - ``write_json``: ``config.json`` and ``summary.json``, atomically, strict JSON.
+- ``record_without_checkpoint``: a record (metrics lines, a summary)
+  with no checkpoint to go on from is refused, never replaced by a new start.
 
 Every write failure (permissions, a full disk, a quota) becomes one
 ``StorageError`` naming the path.
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import pathlib
+import secrets
 import socket
 import tempfile
 from typing import Any, Iterator
@@ -79,7 +82,9 @@ def replace_text(path: pathlib.Path, text: str, what: str) -> None:
   """Writes ``text`` to ``path`` atomically (a temporary file beside it, renamed): a crash
   leaves the old file or the new one, never a part."""
   with storage(path, what):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Created with mode 0666 as open() does, so the umask applies (mkstemp's is 0600).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
       with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -168,6 +173,23 @@ class Lock:
     self._file.close()  # Closing releases the flock.
     with contextlib.suppress(OSError):
       self.path.unlink()
+
+
+def record_without_checkpoint(workdir: pathlib.Path, has_checkpoint: bool) -> str | None:
+  """The refusal of a workdir whose record (metrics lines, a summary) has no checkpoint to
+  go on from, as starting over would silently replace that record; None otherwise."""
+  lines = MetricsFile(workdir, write=False).read()
+  summary = (workdir / run_files.SUMMARY).exists()
+  if has_checkpoint or not (lines or summary):
+    return None
+  held = [f"{len(lines)} lines in {run_files.METRICS}, up to step {lines[-1].get('step')}"
+          ] if lines else []
+  held += [run_files.SUMMARY] if summary else []
+  names = [f for f in (run_files.METRICS, run_files.SUMMARY) if (workdir / f).exists()]
+  return (f"{workdir} holds the record of an earlier run ({', '.join(held)}) but no "
+          f"checkpoint to resume from in {workdir / run_files.CHECKPOINTS}; to start over, "
+          f"move {' and '.join(names)} aside (or delete {'them' if len(names) > 1 else 'it'}), "
+          "or use another --workdir")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:

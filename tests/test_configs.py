@@ -276,6 +276,19 @@ def test_bad_value_is_refused_with_its_name(method, key, value):
     config_check.validate(config)
 
 
+@pytest.mark.parametrize("key,nearest", [
+    ("optim.learning_rate", "optim.lr"),      # The initials of its words.
+    ("optim.wd", "optim.weight_decay"),        # And the other way round.
+    ("train.num_iters", "train.iters"),       # The closest spelling.
+    ("trian", "train"),                       # A whole section.
+])
+def test_a_key_the_schema_lacks_is_refused_naming_the_nearest(key, nearest):
+  config = _with("fp32", key, 0.01)
+  with pytest.raises(ValueError) as info:
+    config_check.validate(config)
+  assert str(info.value) == f"unknown config key config.{key}; did you mean config.{nearest}?"
+
+
 def test_good_variants_pass():
   # Accepted edge values, so the refusals above are not over-eager.
   for method, key, value in [

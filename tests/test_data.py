@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -363,6 +364,12 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match=f"{no_classes / 'train'} has no class subfolders"):
     data.load_arrays(f"folder:{no_classes}")
 
+  one_class = _write_folder(str(tmp_path / "one_class"),
+                            {s: {"cat": c["cat"]} for s, c in _two_class_layout().items()})
+  with pytest.raises(ValueError, match=f"{os.path.join(one_class, 'train')} has one class "
+                     r"subfolder \(cat\); a classification dataset needs at least 2"):
+    data.load_arrays(f"folder:{one_class}")
+
   layout = _two_class_layout()
   layout["test"]["bird"] = _images(1)
   mismatch = _write_folder(str(tmp_path / "mismatch"), layout)
@@ -564,6 +571,43 @@ def test_not_prepared_fails_fast_and_names_data_dir(tmp_path):
     assert part in message
   with pytest.raises(FileNotFoundError, match="imagenet2012"):
     data.StreamData("imagenet2012", data_dir=str(tmp_path))
+
+
+def test_imagenet_names_its_manual_files_even_with_download_on(tmp_path):
+  t0 = time.monotonic()
+  with pytest.raises(FileNotFoundError) as err:
+    data.StreamData("imagenet2012", data_dir=str(tmp_path), download=True)
+  assert time.monotonic() - t0 < 30
+  message = str(err.value)
+  assert "\n" not in message and "TFDS cannot download it" in message
+  for part in ("ILSVRC2012_img_train.tar", str(tmp_path / "downloads" / "manual"),
+               "--config.data.data_dir=", "--config.data.dataset=folder:PATH"):
+    assert part in message, part
+
+
+def test_download_hosts_are_probed_quickly():
+  from fractrain_jax.data import tfds_prepare  # pylint: disable=import-outside-toplevel
+
+  assert tfds_prepare.download_urls(tfds.builder("cifar10")) == [
+      "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+  with socket.socket() as server:  # Loopback only: one host that answers, one that does not.
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert tfds_prepare.unreachable([f"http://127.0.0.1:{port}/a.tar"], timeout=5) is None
+  t0 = time.monotonic()
+  why = tfds_prepare.unreachable([f"https://127.0.0.1:{port}/a.tar"], timeout=5)
+  assert why == f"127.0.0.1:{port}: Connection refused" and time.monotonic() - t0 < 5
+
+
+def test_tensorflow_starts_without_a_line():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  code = ("from fractrain_jax import platform; platform.configure(); import jax; "
+          "from fractrain_jax.data.common import _tfds; _tfds()")
+  done = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1],
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Two ``main.py`` processes of two CPU devices each (gloo collectives) train one
 run; it must equal one process of four devices, with every file written once.
 A signal to one process stops both at one checkpointed step, which one
-process resumes, and two processes resume that in turn.
+process resumes, and two processes resume that in turn. A process whose peers
+never come says what it waits for and gives up in one line.
 """
 
 from __future__ import annotations
@@ -138,6 +139,30 @@ def test_two_processes_each_decode_their_rows_of_the_imagenet_stream(tmp_path):
     assert two[key] == pytest.approx(one[key], rel=1e-5), (key, one[key], two[key])
 
 
+def test_a_process_whose_peers_never_come_says_so_and_gives_up(tmp_path, folder):
+  port = _free_port()
+  address = f"localhost:{port}"
+  cmd = _cmd(tmp_path / "run", folder, "sbm", 4, f"--coordinator_address={address}",
+             "--num_processes=2", "--process_id=0", "--distributed_timeout=6")
+  t0 = time.monotonic()
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(2), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    waiting = proc.stderr.readline()  # Within seconds: what it waits for.
+    said = time.monotonic() - t0
+    (code, _, err), = _wait([proc], timeout=60)
+  finally:
+    proc.kill()
+  assert (f"Waiting for all 2 processes at the coordinator {address} (this is process 0); "
+          "giving up after 6 s") in waiting, waiting
+  assert said < 30 and time.monotonic() - t0 < 40
+  assert code == 2
+  assert err.strip().splitlines() == [
+      f"error: gave up waiting for all 2 processes at the coordinator {address} (this is "
+      "process 0) after 6 s (--distributed_timeout); start each with the same "
+      "--coordinator_address and --num_processes and its own --process_id"]
+
+
 def test_a_signal_to_one_process_stops_both_and_the_run_resumes_across_topologies(tmp_path, folder):
   run_dir = tmp_path / "run"
   procs = _two(run_dir, folder, "sbm", 100000, "--config.train.log_every=2")
@@ -145,13 +170,15 @@ def test_a_signal_to_one_process_stops_both_and_the_run_resumes_across_topologie
     for line in procs[0].stderr:  # Process 0 prints; wait until it trains.
       if "step 4/100000 | train loss" in line:
         break
-    procs[1].send_signal(signal.SIGTERM)  # The process that prints nothing.
+    procs[1].send_signal(signal.SIGINT)  # Ctrl-C to the process that prints nothing.
     results = _wait(procs, timeout=120)
   finally:
     for p in procs:
       p.kill()
   for code, out, err in results:
-    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert code == 128 + signal.SIGINT, err[-3000:]
+  # Process 0 says which process received which signal.
+  assert "with a checkpoint (SIGINT (signal 2) received by process 1)" in results[0][2]
   steps = sorted(int(p.name) for p in (run_dir / run_files.CHECKPOINTS).iterdir()
                  if p.name.isdigit())
   saved = steps[-1]

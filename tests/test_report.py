@@ -8,6 +8,7 @@ chosen so the expected table cells can be worked out by hand.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -200,6 +201,39 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
     assert p.parent == out and data[:8] == PNG_SIGNATURE
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > 100 and height > 100
+
+
+def lm(root: Path, name: str = "sbm_lm", ppl: float = 300.0) -> Path:
+  """An LM run: token accuracy beside its perplexity, as train.py writes them."""
+  lines = [_line(s, test_acc=9.0, test_loss=math.log(ppl), test_ppl=ppl, fw_bits=8, bw_bits=8)
+           for s in (500, 1000)]
+  summary = {"final_test_acc": 9.0, "best_test_acc": 9.0, "final_test_ppl": ppl,
+             "best_test_ppl": ppl, "total_cost": 1e12, "cost_paper": 1e12, "wall_s": 60.0}
+  return make_workdir(root, name, method="static", model="transformer_lm", bits=(8, 8),
+                      lines=lines, summary=summary)
+
+
+def test_lm_and_image_runs_each_show_their_measure_and_never_share_a_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+  runs = [report.load_run(p) for p in (sbm(tmp_path), lm(tmp_path), frac(tmp_path))]
+  text = report.markdown_table(runs)
+  images, lms = text.split("### ")[1:]
+  assert images.startswith("Image classification") and lms.startswith("Language model")
+  assert set(table_rows(images)) == {"sbm_resnet38", "frac_resnet38"}
+  assert table_rows(images)["sbm_resnet38"]["final acc (%)"] == "92.66"
+  (row,) = table_rows(lms).values()
+  assert row["run"] == "sbm_lm" and row["final test ppl"] == "300.00" and "final acc (%)" not in row
+  drawn = []
+  real = report_plots.plot_acc_vs_cost
+
+  def spy(runs, names, path, **kwargs):
+    drawn.append((path.name, sorted(names)))
+    return real(runs, names, path, **kwargs)
+
+  monkeypatch.setattr(report_plots, "plot_acc_vs_cost", spy)
+  report.plot_all(runs, tmp_path / "figs")
+  assert drawn == [("acc_vs_cost.png", ["frac_resnet38", "sbm_resnet38"]),
+                   ("ppl_vs_cost.png", ["sbm_lm"])]
 
 
 def test_main_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,11 +210,33 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
 
 def test_missing_dataset_fails_fast(tmp_path):
-  config = tiny_config("fp32", **{"data.data_dir": str(tmp_path / "empty")})
+  config = tiny_config("fp32", **{"data.data_dir": str(tmp_path / "empty"),
+                                  "data.download": False})
   t0 = time.monotonic()
   with pytest.raises(FileNotFoundError, match="folder:"):
     train.train_and_evaluate(config, tmp_path / "run")
   assert time.monotonic() - t0 < 30
+
+
+def test_offline_the_default_download_fails_in_one_line_within_a_minute(tmp_path, monkeypatch):
+  from fractrain_jax.data import tfds_prepare  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as closed:  # A loopback port nobody listens on: refused at once.
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+  monkeypatch.setattr(tfds_prepare, "download_urls",
+                      lambda builder: [f"https://127.0.0.1:{port}/cifar-10-binary.tar.gz"])
+  data_dir = tmp_path / "tfds"
+  config = tiny_config("fp32", **{"data.data_dir": str(data_dir)})
+  assert config.data.download  # The default: CIFAR downloads on a fresh machine.
+  t0 = time.monotonic()
+  with pytest.raises(FileNotFoundError) as info:
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert time.monotonic() - t0 < 60
+  message = str(info.value)
+  assert "\n" not in message and f"127.0.0.1:{port}: Connection refused" in message, message
+  assert "--config.data.data_dir=" in message and "--config.data.dataset=folder:PATH" in message
+  assert not data_dir.exists()  # Nothing half-downloaded.
 
 
 @pytest.mark.parametrize("key,value", [("method", "int4"), ("model.name", "resnet9"),

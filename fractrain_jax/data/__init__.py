@@ -14,7 +14,9 @@ Modules:
 
 * ``sources``: the registry of source kinds (:func:`register_source`).
 * ``common``: name prefixes, published normalization statistics, TensorFlow
-  and tensorflow-datasets imported on first use, the prepared-dataset check.
+  and tensorflow-datasets imported on first use.
+* ``tfds_prepare``: a TFDS dataset's builder, its data prepared (downloaded
+  where TFDS can, after a quick check that its hosts answer).
 * ``arrays``: in-memory datasets (:class:`ArrayData`, :func:`load_arrays`,
   subsets).
 * ``folder``: an image folder (``folder:PATH``) read into arrays.

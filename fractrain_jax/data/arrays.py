@@ -17,7 +17,8 @@ import numpy as np
 
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.data.common import (
-    CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, Float3, _prepared_builder, _tfds)
+    CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, Float3, _tfds)
+from fractrain_jax.data.tfds_prepare import prepared_builder
 from fractrain_jax.data.folder import _load_folder
 from fractrain_jax.data.sources import is_streamed
 
@@ -196,7 +197,7 @@ def load_arrays(dataset: str, *, data_dir: str | None = None, download: bool = F
   if dataset.startswith(FOLDER_PREFIX):
     train, test, num_classes = _load_folder(dataset)
   else:
-    builder = _prepared_builder(dataset, data_dir, download)
+    builder = prepared_builder(dataset, data_dir, download)
     train = _read_tfds_split(builder, "train")
     test = _read_tfds_split(builder, "test")
     num_classes = builder.info.features["label"].num_classes

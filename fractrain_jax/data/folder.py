@@ -3,7 +3,7 @@
 The layout is ``PATH/train/<class>/`` and ``PATH/test/<class>/`` holding
 .png/.jpg/.jpeg files (any case; other files are ignored) of one size. The
 classes are the sorted subfolder names of ``train/`` (``test/`` must have the
-same ones) and a label is its class's index. Images are read in (class, file
+same ones, and at least two) and a label is its class's index. Images are read in (class, file
 name) order and decoded by Pillow to RGB: grey and palette files are expanded,
 an alpha channel is dropped. No TensorFlow is imported.
 :func:`fractrain_jax.data.arrays.load_arrays` is the entry point.
@@ -114,6 +114,11 @@ def _folder_classes(root: str, spec: str) -> list[str]:
     raise DataFormatError(
         f"dataset {spec!r}: train and test must have the same classes; only in "
         f"train: {only_train}, only in test: {only_test}")
+  if len(classes["train"]) < 2:  # One class trains to 100% and means nothing.
+    raise DataFormatError(
+        f"dataset {spec!r}: {os.path.join(root, 'train')} has one class subfolder "
+        f"({classes['train'][0]}); a classification dataset needs at least 2, one subfolder "
+        "per class in train/ and test/")
   return classes["train"]
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from fractrain_jax.data.common import (
-    IMAGENET_MEAN, IMAGENET_STD, Float3, _prepared_builder, _tf, _tfds)
+    IMAGENET_MEAN, IMAGENET_STD, Float3, _tf, _tfds)
+from fractrain_jax.data.tfds_prepare import prepared_builder
 from fractrain_jax.data.sources import is_streamed
 
 # ImageNet evaluation: resize the shorter side to 256, center-crop 224.
@@ -74,7 +75,7 @@ class StreamData:
     if image_size < 1 or shuffle_buffer < 1:
       raise ValueError(
           f"image_size={image_size} and shuffle_buffer={shuffle_buffer} must be >= 1")
-    self.builder = _prepared_builder(dataset, data_dir, download)
+    self.builder = prepared_builder(dataset, data_dir, download)
     self.num_classes: int = self.builder.info.features["label"].num_classes
     self.num_train = _split_size(self.builder, self.train_split)
     self.num_test = _split_size(self.builder, self.test_split)
