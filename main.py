@@ -37,7 +37,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fractrain_jax import platform
+from fractrain_jax.run import platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py).",
@@ -130,7 +130,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   platform.configure()  # Before JAX starts its backend.
   import jax  # pylint: disable=import-outside-toplevel
-  from fractrain_jax import errors, train  # pylint: disable=import-outside-toplevel
+  from fractrain_jax import errors  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run import train  # pylint: disable=import-outside-toplevel
 
   verbose = FLAGS["verbosity"].present
   _console_logging(verbose)
@@ -188,7 +189,7 @@ def _early_exit(argv: list[str]) -> int | None:
     print(__doc__)
     print(FLAGS.get_help())
     return 0
-  from fractrain_jax import command_line  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run import command_line  # pylint: disable=import-outside-toplevel
 
   error = command_line.check(argv)
   if error is not None:

@@ -1,3 +1,23 @@
-"""fractrain-jax: FracTrain (NeurIPS 2020) low-precision training in JAX/Flax NNX."""
+"""fractrain-jax: FracTrain (NeurIPS 2020) low-precision training in JAX/Flax NNX.
+
+The folders are the layers; imports go one way, down this list:
+
+- ``benchmark/``, ``report/``: programs. ``report/`` reads a run's workdir
+  back and draws it, without JAX (of ``run/`` only ``files`` and ``console``).
+- ``run/``: a training run: the loop (``run.train``), its checkpoints and its
+  record in the workdir, and the programs' process settings.
+- The algorithm, here at the top: ``quant``, ``layers``, ``cost`` (numerics,
+  quantized layers, bit-scaled cost), ``pfq``, ``dfq``, ``optim``, ``methods``
+  (one object per method) and ``steps`` (the jitted ``Trainer`` that a user's
+  own loop also drives), with ``defaults`` (the config schema), ``errors``
+  (one-line mistakes) and ``processes`` (how a batch splits over processes);
+  beside them ``models/`` (the model zoo), ``attach/`` (FracTrain on a user's
+  own NNX model) and ``data/`` (the data sources).
+
+What it may import: the top-level modules import each other and ``models/``,
+``attach/`` and ``data/``; never ``run/``, ``report/`` or ``benchmark/``. Each
+folder's ``__init__.py`` states its own rule, and ``tests/test_layout.py``
+checks every import against them, and that no import circle exists.
+"""
 
 __version__ = "0.1.0"

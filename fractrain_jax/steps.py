@@ -205,7 +205,7 @@ class Trainer:
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     metrics["lr"] = optim.current_lr(opt_state)
-    # Checked at every step with the loss terms (divergence.py): a cheap reduction.
+    # Checked at every step with the loss terms (run/divergence.py): a cheap reduction.
     metrics["grad_norm"] = optax.global_norm(grads)
     return new_state, metrics
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from fractrain_jax import cost, train
+from fractrain_jax import cost
+from fractrain_jax.run import train
 from fractrain_jax.errors import ConfigError
 from test_lm import write_corpus
 from test_train import _image_folder

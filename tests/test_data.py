@@ -603,7 +603,7 @@ def test_download_hosts_are_probed_quickly():
 def test_tensorflow_starts_without_a_line():
   env = {k: v for k, v in os.environ.items()
          if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
-  code = ("from fractrain_jax import platform; platform.configure(); import jax; "
+  code = ("from fractrain_jax.run import platform; platform.configure(); import jax; "
           "from fractrain_jax.data.common import _tfds; _tfds()")
   done = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[1],
                         env=env, capture_output=True, text=True, timeout=120)
@@ -758,7 +758,7 @@ def test_tfds_cifar_keeps_the_papers_statistics_unless_asked(tmp_path):
 
 
 def test_normalization_is_checked_and_part_of_the_run_identity():
-  from fractrain_jax import checkpoints, config_check  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run import checkpoints, config_check  # pylint: disable=import-outside-toplevel
 
   with pytest.raises(errors.ConfigError, match="imagenet2012 streams"):
     config_check.validate(_source_config("imagenet2012", normalization="measured"))

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 from configs import dfq_wikitext103, frac_wikitext103
-from fractrain_jax import config_check, cost, dfq, models, quant, train
+from fractrain_jax import cost, dfq, models, quant
+from fractrain_jax.run import config_check, train
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.layers import GatedBits, QDense, StaticBits
 from test_lm import dense_vjp, lm_config, np_quantize, write_corpus

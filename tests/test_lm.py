@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from configs import default
-from fractrain_jax import config_check, cost, models, quant, train
+from fractrain_jax import cost, models, quant
+from fractrain_jax.run import config_check, train
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.layers import QDense, StaticBits
 

@@ -126,7 +126,7 @@ def stage_folder(tmp, hidden):
 
 def stage_tensorboard(tmp, hidden):
   """TensorBoardWriter's event file reads back (also with TensorBoard's own reader)."""
-  from fractrain_jax.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
 
   with TensorBoardWriter(tmp / "tb") as writer:
     writer.write(1, {"loss": 2.5, "acc": 10})
@@ -153,7 +153,7 @@ def stage_train(tmp, hidden):
 
   jax.config.update("jax_disable_most_optimizations", True)  # Tiny model: compile time dominates.
   from configs import default  # pylint: disable=import-outside-toplevel
-  from fractrain_jax import train  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run import train  # pylint: disable=import-outside-toplevel
 
   root = tmp / "train_images"
   write_image_folder(root, classes=("a", "b", "c"), per_split={"train": 4, "test": 2})
@@ -228,7 +228,7 @@ def test_folder_and_tensorboard_do_not_import_installed_tensorflow(tmp_path):
 
 
 def test_tensorboard_writer_in_process(tmp_path):
-  from fractrain_jax.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
+  from fractrain_jax.run.tensorboard_writer import TensorBoardWriter  # pylint: disable=import-outside-toplevel
 
   writer = TensorBoardWriter(tmp_path / "tb")
   events = read_events(writer.path)

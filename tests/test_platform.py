@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fractrain_jax import platform
+from fractrain_jax.run import platform
 
 
 @pytest.mark.parametrize("platforms,plugin,want", [

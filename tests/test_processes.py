@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from fractrain_jax import run_files
+from fractrain_jax.run import files as run_files
 from test_train import _image_folder, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from fractrain_jax import report, report_plots
+from fractrain_jax import report
+from fractrain_jax.report import plots as report_plots
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

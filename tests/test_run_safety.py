@@ -23,7 +23,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from fractrain_jax import checkpoints, errors, methods, run_files, steps, train
+from fractrain_jax import errors, methods, steps
+from fractrain_jax.run import checkpoints, train
+from fractrain_jax.run import files as run_files
 from test_train import _image_folder, read_metrics, run_mock, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

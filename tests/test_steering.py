@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from configs import dfq_cifar10, frac_cifar10
-from fractrain_jax import cost, models, train
+from fractrain_jax import cost, models
+from fractrain_jax.run import train
 
 # Candidates (3,4,4,6,6) / (6,6,8,8,12), 4-bit weights: the reachable steering cp.
 FLOOR, CEILING = cost.steer_cp_range((3, 4, 4, 6, 6), (6, 6, 8, 8, 12), 4)

@@ -20,7 +20,8 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from fractrain_jax import checkpoints, methods, steps, train
+from fractrain_jax import methods, steps
+from fractrain_jax.run import checkpoints, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",

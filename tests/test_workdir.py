@@ -23,7 +23,9 @@ import time
 
 import pytest
 
-from fractrain_jax import checkpoints, errors, run_files, workdir
+from fractrain_jax import errors
+from fractrain_jax.run import checkpoints, workdir
+from fractrain_jax.run import files as run_files
 from test_train import _image_folder, run_mock, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -11,8 +11,10 @@ what the gate reads. ``route.py``: how one forward pass hands each layer its
 precision. ``model.py``: ``attach``, ``detach`` and the two attached models.
 ``factory.py``: ``config.model.name = "package.module:factory"``.
 
-This package sits beside ``models/``: it imports the numerics, the layers'
-quantizers, the gate and the cost capture, and nothing of the training loop.
+This package sits beside ``models/``, in the algorithm's layer. What it may
+import: ``quant``, ``layers``, ``cost``, ``errors`` and ``models/`` (the gate,
+the cost capture); never ``run/``, ``report/`` or the methods and steps that
+use it (``tests/test_layout.py`` checks it).
 """
 
 from fractrain_jax.attach.factory import build, is_factory, load

@@ -13,6 +13,7 @@ tf.data (:class:`StreamData`) and reaches the device through
 Modules:
 
 * ``sources``: the registry of source kinds (:func:`register_source`).
+* ``kinds``: the four kinds registered here, above the loaders they call.
 * ``common``: name prefixes, published normalization statistics, TensorFlow
   and tensorflow-datasets imported on first use.
 * ``tfds_prepare``: a TFDS dataset's builder, its data prepared (downloaded
@@ -26,7 +27,10 @@ Modules:
 * ``prefetch``: :func:`prefetch_to_device`.
 
 Importing this package imports no TensorFlow; the functions that read data
-do, on first use. The public names are re-exported here, so ``data.augment``
+do, on first use. What it may import of the rest of the package: ``errors``
+and ``processes`` (how a batch splits over processes), nothing else
+(``tests/test_layout.py`` checks it); the loaders ask ``sources`` whether a
+name is streamed, and only ``kinds`` imports the loaders. The public names are re-exported here, so ``data.augment``
 is the function; the module of that name is ``fractrain_jax.data.augment`` in
 ``sys.modules`` (``from fractrain_jax.data.augment import ...`` reaches it).
 """
@@ -36,6 +40,7 @@ from fractrain_jax.data.augment import (
     augment, batch_indices, crop_flip, normalize, sample_crop_flip)
 from fractrain_jax.data.common import (
     CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMAGENET_MEAN, IMAGENET_STD, TEXT_PREFIX, Float3)
+from fractrain_jax.data import kinds as _kinds  # Registers the built-in kinds.
 from fractrain_jax.data.prefetch import prefetch_to_device
 from fractrain_jax.data.sources import (
     Source, accepted, find as find_source, is_streamed, is_text, load,

@@ -1,6 +1,6 @@
 """What a training run leaves in its workdir: the file names.
 
-Shared by the writer (train.py) and the readers (report.py, tests), and free
+Shared by the writer (train.py) and the readers (``report/``, tests), and free
 of JAX, so a report runs wherever the files can be copied to. The keys of a
 metrics line are listed in docs/DESIGN.md.
 """

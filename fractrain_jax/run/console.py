@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any
 
-from fractrain_jax import run_files
 from fractrain_jax.errors import UserError, first_line, one_line
+from fractrain_jax.run import files as run_files
 
 log = logging.getLogger(__name__)
 

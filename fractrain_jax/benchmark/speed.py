@@ -24,11 +24,10 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-from fractrain_jax import platform
+from fractrain_jax.run import platform
 
 # Benchmark variants beyond the registered methods: name -> (method, config.dfq overrides).
 VARIANTS = {"dfq_per_candidate": ("dfq", {"forward": "per_candidate"}),
@@ -320,6 +319,3 @@ def main(argv: list[str] | None = None) -> int:
                       for k, v in r.items()), flush=True)
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,6 +1,6 @@
 """A run's workdir as one record that never disagrees with itself.
 
-What a run leaves in its workdir (``run_files``) is written here so that the
+What a run leaves in its workdir (``files``) is written here so that the
 files agree after any crash:
 
 - ``check_writable``: every folder the run writes (the workdir,
@@ -41,9 +41,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fractrain_jax import run_files
 from fractrain_jax.errors import StorageError, WorkdirInUseError, os_reason
-from fractrain_jax.tensorboard_writer import TensorBoardWriter
+from fractrain_jax.run import files as run_files
+from fractrain_jax.run.tensorboard_writer import TensorBoardWriter
 
 log = logging.getLogger(__name__)
 

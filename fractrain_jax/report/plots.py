@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fractrain_jax.report_runs import (Run, block_names, candidate_names, choice_shares, labels,
+from fractrain_jax.report.runs import (Run, block_names, candidate_names, choice_shares, labels,
                                        sci)
 
 

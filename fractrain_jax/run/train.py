@@ -19,7 +19,6 @@ first.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -35,13 +34,15 @@ import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fractrain_jax import (attach, config_check, console, cost, data, dfq, divergence, methods,
-                           pfq, processes, run_files, steps)
-from fractrain_jax import workdir as run_record
-from fractrain_jax import run_summary
-from fractrain_jax.checkpoints import Checkpoints, Progress, run_identity
-from fractrain_jax.console import RunLog, Speed, StopRequests, hms
+from fractrain_jax import attach, data, dfq, methods, pfq, processes, steps
 from fractrain_jax.errors import ConfigError, ResumeError
+from fractrain_jax.run import config_check, console, divergence
+from fractrain_jax.run import files as run_files
+from fractrain_jax.run import summary as run_summary
+from fractrain_jax.run import workdir as run_record
+from fractrain_jax.run.checkpoints import Checkpoints, Progress, run_identity
+from fractrain_jax.run.console import RunLog, Speed, StopRequests, hms
+from fractrain_jax.run.setup import RunSetup
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +85,6 @@ class IntervalMetrics:
     self.flush()
     return {"steps": self.steps, "sums": self.sums, "counts": self.counts,
             "choice": None if self.choice is None else self.choice.tolist()}
-
-
-@dataclasses.dataclass
-class RunSetup:
-  """What the loop runs with, fixed for the whole run."""
-  config: ml_collections.ConfigDict
-  method: methods.Method
-  workdir: pathlib.Path
-  source: Any                         # The loaded data (data.load): arrays, windows or a stream.
-  trainer: steps.Trainer
-  plain_layers: list[cost.LayerMACs]  # The plain model: FP32 and SBM references.
-  checkpoints: Checkpoints
-  metrics: run_record.MetricsFile
-
-  @property
-  def total_iters(self) -> int:
-    return self.config.train.iters + self.config.train.finetune_iters
 
 
 def _setup(config, workdir: pathlib.Path, checkpoints: Checkpoints) -> RunSetup:

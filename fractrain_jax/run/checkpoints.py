@@ -25,10 +25,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fractrain_jax import attach, data, methods, models, processes, run_files, steps
-from fractrain_jax.orbax_loops import draining
-from fractrain_jax.workdir import strict
+from fractrain_jax import attach, data, methods, models, processes, steps
 from fractrain_jax.errors import ResumeError, StorageError, first_line, one_line
+from fractrain_jax.run import files as run_files
+from fractrain_jax.run.orbax_loops import draining
+from fractrain_jax.run.workdir import strict
 
 log = logging.getLogger(__name__)
 

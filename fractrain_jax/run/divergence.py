@@ -16,8 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from fractrain_jax import run_files
 from fractrain_jax.errors import NonFiniteError
+from fractrain_jax.run import files as run_files
 
 # The per-step metrics checked, with their names in the stop message.
 CHECKED = {"ce": "training loss", "cost_term": "DFQ's cost term", "steer_cp": "steering cp",

@@ -1,8 +1,8 @@
 """A training workdir read back as a ``Run``: its config, metrics lines and summary.
 
-What ``train.py`` leaves in a workdir (``config.json``, ``metrics.jsonl``,
-``summary.json``; docs/DESIGN.md) read without JAX, for the report
-(``report.py``) and its figures (``report_plots.py``). A run without
+What ``run/train.py`` leaves in a workdir (``config.json``, ``metrics.jsonl``,
+``summary.json``; docs/DESIGN.md) read without JAX, for the report's tables
+(``tables.py``) and its figures (``plots.py``). A run without
 ``summary.json`` is still going or was interrupted: its figures come from
 the metrics lines.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fractrain_jax.run_files import CONFIG, METRICS, SUMMARY
+from fractrain_jax.run.files import CONFIG, METRICS, SUMMARY
 
 
 @dataclass

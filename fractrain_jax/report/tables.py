@@ -1,52 +1,21 @@
-"""Summarise finished or running training workdirs: a Markdown table and PNG plots.
+"""The report's Markdown: the runs' table (each against its 8-bit baseline) and candidate mixes.
 
-    python -m fractrain_jax.report WORKDIR [WORKDIR ...] [--out DIR] [--baseline WORKDIR] [--no-plots]
-
-Reads what `fractrain_jax/train.py` leaves in a workdir (`config.json`,
-`metrics.jsonl`, `summary.json`; see docs/DESIGN.md) through `report_runs.py`,
-draws with `report_plots.py`, and never imports JAX, so it runs anywhere the
-run's files can be copied to.
-
-Plots and `report.md` go to `--out`; without it, to `report/` beside the first
-workdir (the folder that holds the workdirs), so that
-`report $OUT/sbm $OUT/frac` writes `$OUT/report/`.
-
-A run without `summary.json` is still going or was interrupted: its figures
-come from the metrics lines and its table row says "unfinished". A workdir
-with no metrics yet is skipped with a warning.
-
-Two costs per run, labelled apart (SPEC section 2): the whole-model cost (real
-per-layer MACs, the gated models' full-precision layers at 32 bits) and the
-paper's convention (mean steering cp, for plain runs the cp of their quantized
-layers, times the FP32 cost), which is what the paper's tables compare. Each
-is shown against 8-bit SBM in the same convention.
-A third, the quantized-layer cost (the layers the method quantizes, alone,
-against the same layers at 8/8 bits), shows what a method saves where a
-full-precision layer dominates the whole model (the LM's output layer).
-Gated runs also get a table of each block's candidate mix (the LM's blocks
-are its attention and MLP sublayers).
-
-Image classifiers and language models given together get a table each (test
-accuracy, test perplexity) and a figure each: token accuracy is never shown
-as if it were image accuracy.
+Two costs per run, labelled apart (SPEC section 2): the whole-model cost and
+the paper's convention, each against 8-bit SBM in the same convention; a
+third, the quantized-layer cost, where a method quantizes only some layers.
+``render_report`` puts the tables and the figures' links into ``report.md``.
 """
+
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fractrain_jax.console import hms
-from fractrain_jax.report_plots import plot_all, precision_figure
-from fractrain_jax.report_runs import (Run, block_names, candidate_names, choice_shares, labels,
-                                       load_run, sci)
-from fractrain_jax.run_files import METRICS
-
-__all__ = ["Run", "choice_shares", "choice_table", "labels", "load_run", "main",
-           "markdown_table", "plot_all", "precision_figure", "sci"]
+from fractrain_jax.report.runs import (Run, block_names, candidate_names, choice_shares, labels,
+                                       sci)
+from fractrain_jax.run.console import hms
 
 
 def is_static8(run: Run) -> bool:
@@ -193,47 +162,3 @@ def render_report(runs: Sequence[Run], baseline: Run | None, figures: Sequence[P
     parts.append("\n## Figures\n")
     parts += [f"![{p.stem}]({p.relative_to(out_dir)})\n" for p in figures]
   return "\n".join(parts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fractrain_jax.report", description=__doc__.split("\n")[0])
-  parser.add_argument("workdirs", nargs="+", type=Path, help="training workdirs (with metrics.jsonl)")
-  parser.add_argument("--out", type=Path, default=None,
-                      help="folder for report.md and the PNGs (default: report/ beside the first workdir)")
-  parser.add_argument("--baseline", type=Path, default=None,
-                      help="workdir of the 8-bit run every relative cost is measured against")
-  parser.add_argument("--no-plots", action="store_true", help="only the table and report.md")
-  args = parser.parse_args(argv)
-  out_dir = args.out if args.out is not None else args.workdirs[0].resolve().parent / "report"
-  # `report $OUT/*` after an earlier report would also name the output folder.
-  if out_dir.resolve() in [w.resolve() for w in args.workdirs] and not (out_dir / METRICS).exists():
-    print(f"note: skipping {out_dir} (the report's own output folder)", file=sys.stderr)
-    args.workdirs = [w for w in args.workdirs if w.resolve() != out_dir.resolve()]
-  if not args.workdirs:
-    parser.error("no workdir left to report on")
-  runs = []
-  for workdir in args.workdirs:
-    try:
-      runs.append(load_run(workdir))
-    except (FileNotFoundError, ValueError) as err:
-      # A run that has not reached its first evaluation has nothing to show yet.
-      print(f"warning: skipping {workdir}: {err}", file=sys.stderr)
-  try:
-    baseline = load_run(args.baseline) if args.baseline is not None else None
-  except (FileNotFoundError, ValueError) as err:
-    print(f"error: --baseline: {err}", file=sys.stderr)
-    return 2
-  if not runs:
-    print("error: none of the workdirs has metrics yet", file=sys.stderr)
-    return 2
-  out_dir.mkdir(parents=True, exist_ok=True)
-  figures = [] if args.no_plots else plot_all(runs, out_dir)
-  text = render_report(runs, baseline, figures, out_dir)
-  (out_dir / "report.md").write_text(text)
-  print(text)
-  print(f"wrote {out_dir / 'report.md'} and {len(figures)} figures", file=sys.stderr)
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

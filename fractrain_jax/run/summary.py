@@ -1,7 +1,7 @@
 """What ``summary.json`` holds: a finished run's results and costs, in one dict.
 
 The keys are listed, with their meaning, in docs/DESIGN.md's table of the
-workdir's files; ``report_runs`` reads them back.
+workdir's files; ``report/runs.py`` reads them back.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from fractrain_jax import cost, steps
 
 if TYPE_CHECKING:
-  from fractrain_jax.checkpoints import Progress
-  from fractrain_jax.train import RunSetup
+  from fractrain_jax.run.checkpoints import Progress
+  from fractrain_jax.run.setup import RunSetup
 
 
 def summary(setup: RunSetup, progress: Progress) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import ml_collections
 # Accepted values come from the modules that own them, so they cannot drift apart.
 from fractrain_jax import attach, cost, data, defaults, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError, os_reason
-from fractrain_jax.workdir import probe_write
 from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
+from fractrain_jax.run.workdir import probe_write
 
 LR_SCHEDULES = optim.LR_SCHEDULES
 GATES = gate.SAMPLERS
