@@ -19,9 +19,9 @@ PACKAGE = "fractrain_jax"
 ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 
 # Layer of a module: its folder under the package ("" for the top-level modules).
-# Each layer may import its own modules and those matched here (a module, or a
-# folder with everything under it); "algorithm" stands for the top-level
-# modules and models/, data/ and attach/.
+# Each layer may import its own modules and those named here: a module, a folder
+# (everything under it), or "fractrain_jax.*" (every top-level module). ALGORITHM
+# is the algorithm's layer: the top-level modules with models/, data/ and attach/.
 ALGORITHM = ("fractrain_jax.*", "fractrain_jax.models", "fractrain_jax.data",
              "fractrain_jax.attach")
 ALLOWED = {
@@ -87,10 +87,10 @@ def _is_folder(name: str) -> bool:
   return (ROOT.parent / name.replace(".", "/") / "__init__.py").exists()
 
 
-def allowed(importer: str, imported: str, rules: dict = ALLOWED) -> bool:
+def allowed(importer: str, imported: str) -> bool:
   if imported == PACKAGE or layer(imported) == layer(importer):
     return True
-  for rule in rules[layer(importer)]:
+  for rule in ALLOWED[layer(importer)]:
     if rule.endswith(".*"):  # A top-level module of the package.
       if layer(imported) == "":
         return True
@@ -99,9 +99,9 @@ def allowed(importer: str, imported: str, rules: dict = ALLOWED) -> bool:
   return False
 
 
-def violations(edges: dict[str, set[str]], rules: dict = ALLOWED) -> list[str]:
+def violations(edges: dict[str, set[str]]) -> list[str]:
   return sorted(f"{a} imports {b}" for a, targets in edges.items() for b in targets
-                if not allowed(a, b, rules))
+                if not allowed(a, b))
 
 
 def circles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -157,11 +157,13 @@ def reached(start: str, root: pathlib.Path = ROOT) -> set[str]:
 
 
 def test_the_package_has_no_import_circle():
-  assert not circles(graph()), circles(graph())
+  found = circles(graph())
+  assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_every_import_follows_the_stated_direction():
-  assert not violations(graph())
+  found = violations(graph())
+  assert not found, "against the layers' direction:\n" + "\n".join(found)
 
 
 def test_the_report_reaches_no_jax():
