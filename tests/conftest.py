@@ -18,6 +18,9 @@ if "FRACTRAIN_CACHE_DIR" not in os.environ:
   os.environ["FRACTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="fractrain_cache_")
   atexit.register(shutil.rmtree, os.environ["FRACTRAIN_CACHE_DIR"], ignore_errors=True)
 
+# The main.py processes that tests start inherit cheap compiles through the environment.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+
 import jax  # noqa: E402
 
 # scripts/device_check.sh runs some test files on the GPU with FRACTRAIN_TEST_PLATFORM=gpu.
@@ -59,3 +62,14 @@ def real_cifar10_folder(tmp_path_factory):
       folder.mkdir(parents=True, exist_ok=True)
       (folder / parts[-1]).write_bytes(tar.extractfile(member).read())
   return root
+
+
+@pytest.fixture
+def optimized_compiles():
+  """XLA's optimizations on for one test whose time goes to running hundreds of steps, not
+  to compiling them (the session default suits the many tests that compile and run a few)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)

@@ -347,6 +347,7 @@ FLOOR, CEILING = cost.steer_cp_range(A, G, W)
 
 
 @pytest.mark.parametrize("target", [4.0, 6.0])
+@pytest.mark.usefixtures("optimized_compiles")
 def test_dfq_on_wikitext2_ends_near_its_target(wikitext2, tmp_path, target):
   # The gate starts near the candidates' mean, about 4.95: 4.0 (inside) asks it down,
   # 6.0 (near the 6.25 top) up.
@@ -361,6 +362,7 @@ def test_dfq_on_wikitext2_ends_near_its_target(wikitext2, tmp_path, target):
   chex.assert_shape(ratios, (2, 3))  # Attention and MLP sublayer of the one block.
 
 
+@pytest.mark.usefixtures("optimized_compiles")
 def test_dfq_and_fractrain_differ_with_the_same_seed(wikitext2, tmp_path):
   runs = {name: run_lines(lm_run_config(recipe, wikitext2, **{"train.iters": 60}),
                           tmp_path / name)

@@ -52,6 +52,7 @@ def test_reachable_range_is_the_authors_for_every_cifar_resnet(name, weighting):
 
 
 @pytest.mark.parametrize("target", [2.3, 4.3])
+@pytest.mark.usefixtures("optimized_compiles")
 def test_dfq_ends_near_its_target(real_cifar10_folder, tmp_path, target):
   # The gate starts near 2.9: 2.3 asks it to move down, 4.3 (near the top) up.
   config = dfq_cifar10.get_config()
@@ -64,6 +65,7 @@ def test_dfq_ends_near_its_target(real_cifar10_folder, tmp_path, target):
   assert FLOOR <= last <= CEILING
 
 
+@pytest.mark.usefixtures("optimized_compiles")
 def test_dfq_and_fractrain_recipes_train_differently(real_cifar10_folder, tmp_path):
   runs = {}
   for name, recipe in (("dfq", dfq_cifar10), ("frac", frac_cifar10)):
