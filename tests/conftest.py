@@ -68,8 +68,9 @@ def real_cifar10_folder(tmp_path_factory):
 def optimized_compiles():
   """XLA's optimizations on for one test whose time goes to running hundreds of steps, not
   to compiling them (the session default suits the many tests that compile and run a few)."""
+  before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", before)
