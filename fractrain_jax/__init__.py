@@ -6,8 +6,8 @@ The folders are the layers; imports go one way, down this list:
   back and draws it, without JAX (of ``run/`` only ``files`` and ``console``).
 - ``run/``: a training run: the loop (``run.train``), its checkpoints and its
   record in the workdir, and the programs' process settings.
-- The algorithm, here at the top: ``quant``, ``layers``, ``cost`` (numerics,
-  quantized layers, bit-scaled cost), ``pfq``, ``dfq``, ``optim``, ``methods``
+- The algorithm, here at the top: ``quant``, ``conv``, ``layers``, ``cost``
+  (numerics, the convs' split weight gradient, quantized layers, bit-scaled cost), ``pfq``, ``dfq``, ``optim``, ``methods``
   (one object per method) and ``steps`` (the jitted ``Trainer`` that a user's
   own loop also drives), with ``defaults`` (the config schema), ``errors``
   (one-line mistakes) and ``processes`` (how a batch splits over processes);

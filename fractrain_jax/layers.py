@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from fractrain_jax import quant
+from fractrain_jax import conv, quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +252,7 @@ class QConv(QuantizedLayer):
 
   def _contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     p = self.padding
-    return jax.lax.conv_general_dilated(
+    return conv.conv_general_dilated(
         x, kernel, window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=self.feature_group_count)

@@ -36,7 +36,7 @@ from flax import nnx
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fractrain_jax import cost, data, dfq, methods, optim, processes
+from fractrain_jax import conv, cost, data, dfq, methods, optim, processes
 from fractrain_jax.methods import Precision
 
 @struct.dataclass
@@ -81,6 +81,8 @@ class Trainer:
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    # Samples per chunk of the convs' weight gradients in the train step (conv.py).
+    self.weight_grad_split = conv.resolve_split(config.train.conv_weight_grad_split, self.mesh)
     model.train()
     self.train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
     # The same arrays seen through evaluation attributes: running ranges and
@@ -198,8 +200,9 @@ class Trainer:
     x = jax.lax.with_sharding_constraint(inputs, self.batch_sharding)
     y = jax.lax.with_sharding_constraint(targets, self.batch_sharding)
     grad_fn = jax.grad(self._loss, has_aux=True)
-    grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, y, model_key,
-                                            precision, target_cp, tau, self.train_graphdef)
+    with conv.weight_grad_split(self.weight_grad_split):
+      grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, y, model_key,
+                                              precision, target_cp, tau, self.train_graphdef)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,

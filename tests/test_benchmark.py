@@ -109,3 +109,37 @@ def test_a_model_of_your_own_without_blocks_times_the_plain_methods_only():
       "pfq", model_name="examples.user_models:resnet", batch_size=2, num_classes=10,
       own=benchmark.OwnModel({"depth": 8}, (), (), (32, 32, 3)))
   assert {l.kind for l in runner.trainer.layers} == {"static", "fp"}
+
+
+def test_peer_table_gives_medians_of_rounds_and_the_ratios(tmp_path):
+  from fractrain_jax.benchmark import peers
+
+  rows = [{"system": "plain PyTorch 2.13.0, channels_last", "method": "fp32", "step_ms": v}
+          for v in (400.0, 420.0, 380.0)]
+  rows += [{"system": "the authors' FracTrain code (PyTorch 2.13.0)", "method": m, "step_ms": v}
+           for m, v in (("fp32", 500.0), ("pfq", 750.0))]
+  rows += [{"bench": "step", "model": "resnet38", "method": m, "step_ms": v}
+           for m, v in (("fp32", 600.0), ("pfq", 630.0), ("fp32_xla_wgrad", 900.0))]
+  path = tmp_path / "peers.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\nround 2 of 2\n")
+  assert peers.main([str(path)]) == 0
+  text = peers.table(peers.read(path.read_text().splitlines()))
+  lines = text.splitlines()
+  assert "| plain PyTorch 2.13.0, channels_last | 400.0 ms |" in text  # median of 3 rounds
+  assert "| the authors' FracTrain code (PyTorch 2.13.0) | 500.0 ms |  | 750.0 ms (1.50x) |" in text
+  assert any(l.startswith("| fractrain-jax (resnet38) | 600.0 ms |  | 630.0 ms (1.05x) |")
+             for l in lines)
+  assert "| fractrain-jax (resnet38), XLA's weight-gradient conv | 900.0 ms |" in text
+  assert "plain PyTorch channels-last FP32: 1.50x" in text  # 600 / 400, not 900 / 400
+  assert "the authors' PFQ: 0.84x" in text  # 630 / 750
+
+
+def test_peer_table_refuses_a_file_without_timings(tmp_path, capsys):
+  from fractrain_jax.benchmark import peers
+
+  path = tmp_path / "empty.jsonl"
+  path.write_text("round 1 of 2\n")
+  with pytest.raises(SystemExit) as err:
+    peers.main([str(path)])
+  assert err.value.code == 2
+  assert "no step timings" in capsys.readouterr().err

@@ -12,7 +12,7 @@ precision. ``model.py``: ``attach``, ``detach`` and the two attached models.
 ``factory.py``: ``config.model.name = "package.module:factory"``.
 
 This package sits beside ``models/``, in the algorithm's layer. What it may
-import: ``quant``, ``layers``, ``cost``, ``errors`` and ``models/`` (the gate,
+import: ``quant``, ``conv``, ``layers``, ``cost``, ``errors`` and ``models/`` (the gate,
 the cost capture); never ``run/``, ``report/`` or the methods and steps that
 use it (``tests/test_layout.py`` checks it).
 """

@@ -29,7 +29,7 @@ import jax
 import opt_einsum
 from flax import nnx
 
-from fractrain_jax import quant
+from fractrain_jax import conv, quant
 from fractrain_jax.attach import route as routing
 from fractrain_jax.attach.rules import FULL, LayerPlan
 from fractrain_jax.errors import ConfigError
@@ -105,7 +105,11 @@ class QuantizedOp:
       i = _RHS_POSITION[self.kind]
       rhs = quant.quantize_weight(rhs, bits.w, None if channels == (rhs.ndim - 1,) else channels)
       args = args[:i] + (rhs,) + args[i + 1:]
-    y = self.float_op(*args, **kwargs)
+    op = self.float_op
+    if self.kind == CONV and op is jax.lax.conv_general_dilated:
+      # Flax's own conv: its weight gradient split over the batch where a step asks (conv.py).
+      op = conv.conv_general_dilated
+    y = op(*args, **kwargs)
     request.macs = math.prod(y.shape) * per_output
     return request.layer._quantize_output(y, bits, request.key)
 

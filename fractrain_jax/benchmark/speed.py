@@ -29,11 +29,17 @@ from typing import Any, Callable
 
 from fractrain_jax.run import platform
 
-# Benchmark variants beyond the registered methods: name -> (method, config.dfq overrides).
-VARIANTS = {"dfq_per_candidate": ("dfq", {"forward": "per_candidate"}),
-            "frac_per_candidate": ("frac", {"forward": "per_candidate"})}
-# Timed unless --methods names them (they run K forwards a step).
-NOT_BY_DEFAULT = ("frac_per_candidate",)
+# Benchmark variants beyond the registered methods: name -> (method, config overrides).
+# *_xla_wgrad: the convs' weight gradients as XLA's one conv over the whole batch
+# (train.conv_weight_grad_split=0), the form before the split (fractrain_jax/conv.py).
+VARIANTS = {"dfq_per_candidate": ("dfq", {"dfq.forward": "per_candidate"}),
+            "frac_per_candidate": ("frac", {"dfq.forward": "per_candidate"}),
+            "fp32_xla_wgrad": ("fp32", {"train.conv_weight_grad_split": 0}),
+            "pfq_xla_wgrad": ("pfq", {"train.conv_weight_grad_split": 0}),
+            "dfq_xla_wgrad": ("dfq", {"train.conv_weight_grad_split": 0})}
+# Timed unless --methods names them (frac_per_candidate runs K forwards a step; the
+# others measure a choice the defaults already made).
+NOT_BY_DEFAULT = ("frac_per_candidate", "fp32_xla_wgrad", "pfq_xla_wgrad", "dfq_xla_wgrad")
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:
@@ -147,7 +153,7 @@ def step_config(name: str, model_name: str, batch_size: int, own: OwnModel | Non
   from fractrain_jax.models import gated_lm
 
   config = defaults.get_config()
-  config.method, dfq_overrides = VARIANTS.get(name, (name, {}))
+  config.method, overrides = VARIANTS.get(name, (name, {}))
   config.model.name = model_name
   config.train.batch_size = batch_size
   if own is not None:
@@ -157,7 +163,9 @@ def step_config(name: str, model_name: str, batch_size: int, own: OwnModel | Non
     a, g, w = gated_lm.DEFAULT_CANDIDATES
     config.dfq.update(fw_candidates=a, bw_candidates=g, weight_bits=w,
                       target_cp=sum(cost.steer_cp_range(a, g, w)) / 2)
-  config.dfq.update(dfq_overrides)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
   return config
 
 
@@ -225,7 +233,8 @@ def bench_step(args) -> list[dict]:
 
   # The ratios' base: each model's plain full-precision step.
   fp32 = {r["model"]: r["step_ms"] for r, runner in zip(rows, runners.values())
-          if runner.precision == methods.FP32 and not runner.trainer.gated}
+          if runner.precision == methods.FP32 and not runner.trainer.gated
+          and r["method"] == "fp32"}
   first = {r["method"]: r["step_ms"] for r in rows if r["model"] == args.model[0]}
   for r in rows:
     r["ratio_to_fp32"] = r["step_ms"] / fp32[r["model"]] if r["model"] in fp32 else None

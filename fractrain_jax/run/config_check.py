@@ -215,6 +215,7 @@ def _check_train(config) -> int:
     _int_at_least(config, key, 1)
   _int_at_least(config, "train.finetune_iters", 0)
   _int_at_least(config, "train.num_devices", 0)
+  _int_at_least(config, "train.conv_weight_grad_split", -1)
   return iters
 
 

@@ -1,0 +1,117 @@
+"""The convolution every quantized conv layer runs, with its weight gradient split over the batch.
+
+Why: XLA:CPU computes a conv's weight gradient as one convolution whose
+window is the whole output image and whose contraction runs over the whole
+batch. On a 2-core AVX-512 CPU that took 4-5x the forward conv's time for the
+same MACs, 47 % of a ResNet-38 FP32 step (docs/RESULTS.md). The sum of the
+weight gradients of chunks of 8 samples is the same gradient, in another
+summation order, at a third of the time. The input gradient and the forward
+pass are XLA's own.
+
+The split is read when a step is traced (``weight_grad_split``), so a model
+called outside it (tests, a user's own loop) runs XLA's form, and a mesh of
+several devices keeps it: chunks of a batch sharded over devices would cross
+them. ``config.train.conv_weight_grad_split`` chooses: -1 (auto: chunks of
+``CPU_SPLIT`` samples on a one-device CPU mesh, XLA's form elsewhere), 0 (XLA's
+form always, the numerics of earlier versions bit for bit) or n > 0 samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+AUTO = -1
+# Samples per chunk on the CPU: 16 chunks of a batch of 128 measured fastest at
+# every ResNet stage shape (docs/RESULTS.md, "Step time against the PyTorch peers").
+CPU_SPLIT = 8
+
+_SPLIT: contextvars.ContextVar[int] = contextvars.ContextVar("fractrain_weight_grad_split",
+                                                             default=0)
+
+
+def check_split(split: int) -> int:
+  """Refuses a setting other than -1 (auto), 0 (XLA's form) or a positive sample count."""
+  if isinstance(split, bool) or not isinstance(split, (int, np.integer)) or split < AUTO:
+    raise ValueError(f"train.conv_weight_grad_split={split!r}; expected -1 (auto), 0 (XLA's "
+                     "weight-gradient conv over the whole batch) or a number of samples >= 1")
+  return int(split)
+
+
+def resolve_split(split: int, mesh: jax.sharding.Mesh) -> int:
+  """The samples per chunk a step on ``mesh`` uses for setting ``split`` (see the module doc)."""
+  split = check_split(split)
+  if mesh.devices.size > 1:
+    return 0
+  if split == AUTO:
+    return CPU_SPLIT if mesh.devices.flat[0].platform == "cpu" else 0
+  return split
+
+
+@contextlib.contextmanager
+def weight_grad_split(samples: int) -> Iterator[None]:
+  """Convs traced inside compute their weight gradient in chunks of ``samples`` (0 = whole batch)."""
+  token = _SPLIT.set(check_split(samples))
+  try:
+    yield
+  finally:
+    _SPLIT.reset(token)
+
+
+def _freeze(v: Any) -> Any:
+  """Lists (padding pairs) as tuples, so the options are hashable; a namedtuple (Flax's
+  ``ConvDimensionNumbers``) as it is."""
+  if isinstance(v, list) or (isinstance(v, tuple) and not hasattr(v, "_fields")):
+    return tuple(_freeze(e) for e in v)
+  return v
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """``jax.lax.conv_general_dilated`` (same arguments), its weight gradient split if asked."""
+  samples = _SPLIT.get()
+  names = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
+           "feature_group_count", "batch_group_count", "precision", "preferred_element_type")
+  options = dict(zip(names, args)) | kwargs
+  spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))
+  batch = lhs.shape[spec.lhs_spec[0]]
+  if samples <= 0 or batch <= samples or options.get("batch_group_count", 1) != 1:
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
+  return _split_conv(lhs, rhs, frozen, samples)
+
+
+def _conv(lhs, rhs, frozen):
+  return jax.lax.conv_general_dilated(lhs, rhs, **dict(frozen))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _split_conv(lhs, rhs, frozen, samples):
+  del samples
+  return _conv(lhs, rhs, frozen)
+
+
+def _split_conv_fwd(lhs, rhs, frozen, samples):
+  del samples
+  return _conv(lhs, rhs, frozen), (lhs, rhs)
+
+
+def _split_conv_bwd(frozen, samples, res, g):
+  lhs, rhs = res
+  spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dict(frozen).get("dimension_numbers"))
+  in_axis, out_axis = spec.lhs_spec[0], spec.out_spec[0]
+  (d_lhs,) = jax.vjp(lambda x: _conv(x, rhs, frozen), lhs)[1](g)
+  d_rhs = None
+  for start in range(0, lhs.shape[in_axis], samples):
+    x = jax.lax.slice_in_dim(lhs, start, min(start + samples, lhs.shape[in_axis]), axis=in_axis)
+    gi = jax.lax.slice_in_dim(g, start, min(start + samples, g.shape[out_axis]), axis=out_axis)
+    (part,) = jax.vjp(lambda k, x=x: _conv(x, k, frozen), rhs)[1](gi)
+    d_rhs = part if d_rhs is None else d_rhs + part
+  return d_lhs, d_rhs
+
+
+_split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
