@@ -8,8 +8,10 @@ dependency); it prints one JSON object per line: system, method, step_ms
            fractrain_jax/models/resnet_cifar.py), FP32, in NCHW or channels-last.
   authors: the authors' FracTrain code (GATECH-EIC/FracTrain, fractrain_cifar/),
            imported from --authors-dir: FP32 (num_bits 0), static 8/8, PFQ at its
-           first stage (3/6, train_pfq.py's README schedule) and DFQ
-           (cifar10_rnn_gate_*, train_dfq.py's candidates and computation loss).
+           first stage (3/6, train_pfq.py's README schedule; static and PFQ with
+           train_pfq.py's default --weight_bits 0, which leaves the weights in
+           full precision) and DFQ (cifar10_rnn_gate_*, train_dfq.py's
+           candidates, 4-bit weights and computation loss).
            Their code calls .cuda() everywhere; here .cuda() returns the tensor
            itself so that it runs on the CPU, nothing else of it is changed.
 

@@ -143,3 +143,15 @@ def test_peer_table_refuses_a_file_without_timings(tmp_path, capsys):
     peers.main([str(path)])
   assert err.value.code == 2
   assert "no step timings" in capsys.readouterr().err
+
+
+def test_profile_splits_a_step_into_op_classes(capsys):
+  assert benchmark.main(["profile", "--model", "resnet8", "--methods", "fp32", "static",
+                         "--batch-size", "16", "--steps", "1", "--json"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  by_method = {m: {r["op_class"]: r for r in rows if r["method"] == m} for m in ("fp32", "static")}
+  for classes in by_method.values():
+    # Every conv of the step lands in one of its three passes.
+    assert {"conv forward", "conv input-grad", "conv weight-grad"} <= set(classes)
+    assert abs(sum(r["share"] for r in classes.values()) - 1) < 1e-6
+  assert "quantizers" in by_method["static"] and "quantizers" not in by_method["fp32"]

@@ -1,4 +1,4 @@
-"""Speed benchmarks: `python -m fractrain_jax.benchmark {quant,step} [--json]`.
+"""Speed benchmarks: `python -m fractrain_jax.benchmark {quant,step,profile} [--json]`.
 
 quant: forward + backward of one 3x3 conv (batch 128, 32x32, 16 channels),
   fully quantized (activations, weights, gradients) against the same conv in
@@ -13,6 +13,9 @@ step: one whole training step (the jitted step that training runs, data
   candidates and DFQ target: its per-token gate; no per-candidate variants).
   The methods take turns (one untimed and one timed step each), so drift in
   the machine's speed affects them alike.
+profile: one step of each method by op class (``profile.py``): forward,
+  input-gradient and weight-gradient convs, layout copies, quantizers, gate,
+  optimizer, BN, the rest.
 
 All timings are medians over repeated runs in one process, after warm-up.
 Speed targets are checked here, never in unit tests.
@@ -243,6 +246,22 @@ def bench_step(args) -> list[dict]:
   return rows
 
 
+def bench_profile(args) -> list[dict]:
+  """Each method's step by op class (``profile.py``), largest first, with its share."""
+  from fractrain_jax.benchmark import profile  # pylint: disable=import-outside-toplevel
+
+  rows = []
+  for method in args.methods[args.model]:
+    runner = StepRunner.create(method, model_name=args.model, batch_size=args.batch_size,
+                               num_classes=args.num_classes)
+    totals = profile.step_profile(runner, steps=args.steps)
+    whole = sum(totals.values())
+    for label, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+      rows.append({"bench": "profile", "model": args.model, "method": method, "op_class": label,
+                   "ms_per_step": ms, "share": ms / whole})
+  return rows
+
+
 def _step_models(parser: argparse.ArgumentParser, args) -> None:
   """Checks ``--model`` (and a model of the user's own's flags); sets ``args.own`` and the
   methods each model times, ``args.methods``."""
@@ -306,6 +325,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"registered methods) and the variants {', '.join(VARIANTS)} "
                       "(default: every one the model runs, but "
                       f"{', '.join(NOT_BY_DEFAULT)}); fp32 is the ratios' base")
+  pr = sub.add_parser("profile", help="where one train step spends its time, by op class")
+  pr.add_argument("--model", default="resnet38",
+                  help="a zoo backbone (dfq and frac use its gated_ version; default resnet38)")
+  pr.add_argument("--methods", nargs="+", default=["fp32", "dfq"],
+                  help="methods or variants to profile, one after another (default fp32 dfq)")
+  pr.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
+  pr.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
+  pr.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+  pr.add_argument("--json", action="store_true", help="one JSON object per line")
+  pr.add_argument("--no-cpu-flags", action="store_true",
+                  help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")
@@ -313,13 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cpu-flags", action="store_true",
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   args = parser.parse_args(argv)
-  for name in ("batch_size", "repeats") + (("num_classes",) if args.bench == "step" else ()):
+  counts = {"quant": ("batch_size", "repeats"), "step": ("batch_size", "repeats", "num_classes"),
+            "profile": ("batch_size", "steps", "num_classes")}[args.bench]
+  for name in counts:
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an int >= 1")
   platform.configure(cpu_flags=not args.no_cpu_flags)
   if args.bench == "step":
     _step_models(parser, args)
-  rows = bench_quant(args) if args.bench == "quant" else bench_step(args)
+  if args.bench == "profile":
+    args.model, args.own = [args.model], {}
+    _step_models(parser, args)
+    args.model = args.model[0]
+  rows = {"quant": bench_quant, "step": bench_step, "profile": bench_profile}[args.bench](args)
   for r in rows:
     if args.json:
       print(json.dumps(r), flush=True)
