@@ -237,7 +237,7 @@ def bench_step(args) -> list[dict]:
   # The ratios' base: each model's plain full-precision step.
   fp32 = {r["model"]: r["step_ms"] for r, runner in zip(rows, runners.values())
           if runner.precision == methods.FP32 and not runner.trainer.gated
-          and r["method"] == "fp32"}
+          and r["method"] not in VARIANTS}
   first = {r["method"]: r["step_ms"] for r in rows if r["model"] == args.model[0]}
   for r in rows:
     r["ratio_to_fp32"] = r["step_ms"] / fp32[r["model"]] if r["model"] in fp32 else None
