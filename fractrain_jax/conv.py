@@ -71,12 +71,15 @@ def _freeze(v: Any) -> Any:
   return v
 
 
+# jax.lax.conv_general_dilated's arguments after lhs and rhs, in order.
+_OPTIONS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
+            "feature_group_count", "batch_group_count", "precision", "preferred_element_type")
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
   """``jax.lax.conv_general_dilated`` (same arguments), its weight gradient split if asked."""
   samples = _SPLIT.get()
-  names = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
-           "feature_group_count", "batch_group_count", "precision", "preferred_element_type")
-  options = dict(zip(names, args)) | kwargs
+  options = dict(zip(_OPTIONS, args)) | kwargs
   spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))
   batch = lhs.shape[spec.lhs_spec[0]]
   if samples <= 0 or batch <= samples or options.get("batch_group_count", 1) != 1:

@@ -155,3 +155,12 @@ def test_profile_splits_a_step_into_op_classes(capsys):
     assert {"conv forward", "conv input-grad", "conv weight-grad"} <= set(classes)
     assert abs(sum(r["share"] for r in classes.values()) - 1) < 1e-6
   assert "quantizers" in by_method["static"] and "quantizers" not in by_method["fp32"]
+
+
+def test_profile_takes_a_model_of_your_own(capsys):
+  assert benchmark.main(["profile", "--model", "examples.user_models:resnet", "--options",
+                         "{'depth': 8}", "--methods", "fp32", "--batch-size", "4", "--steps", "1",
+                         "--json"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert {r["model"] for r in rows} == {"examples.user_models:resnet"}
+  assert {"conv forward", "conv weight-grad"} <= {r["op_class"] for r in rows}

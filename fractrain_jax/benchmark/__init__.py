@@ -1,7 +1,9 @@
-"""Speed benchmarks of the algorithm's steps: ``python -m fractrain_jax.benchmark {quant,step}``.
+"""Speed benchmarks of the algorithm's steps: ``python -m fractrain_jax.benchmark {quant,step,profile}``.
 
 ``speed.py`` times one quantized conv against FP32 and one whole training step
-per method (``speed.py``'s docstring says how); ``__main__.py`` is the command.
+per method (``speed.py``'s docstring says how); ``profile.py`` splits a step by
+op class; ``peers.py`` is the table of ``scripts/peer_speed.sh``;
+``__main__.py`` is the command.
 
 What it may import: the algorithm (the top-level modules, ``models/``,
 ``data/``, ``attach/``) and, of ``run/``, only ``run.platform`` (the settings

@@ -251,14 +251,15 @@ def bench_profile(args) -> list[dict]:
   from fractrain_jax.benchmark import profile  # pylint: disable=import-outside-toplevel
 
   rows = []
-  for method in args.methods[args.model]:
-    runner = StepRunner.create(method, model_name=args.model, batch_size=args.batch_size,
-                               num_classes=args.num_classes)
-    totals = profile.step_profile(runner, steps=args.steps)
-    whole = sum(totals.values())
-    for label, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
-      rows.append({"bench": "profile", "model": args.model, "method": method, "op_class": label,
-                   "ms_per_step": ms, "share": ms / whole})
+  for model in args.model:
+    for method in args.methods[model]:
+      runner = StepRunner.create(method, model_name=model, batch_size=args.batch_size,
+                                 num_classes=args.num_classes, own=args.own.get(model))
+      totals = profile.step_profile(runner, steps=args.steps)
+      whole = sum(totals.values())
+      for label, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        rows.append({"bench": "profile", "model": model, "method": method, "op_class": label,
+                     "ms_per_step": ms, "share": ms / whole})
   return rows
 
 
@@ -295,6 +296,32 @@ def _step_models(parser: argparse.ArgumentParser, args) -> None:
     parser.error(str(err))
 
 
+def _add_model_args(p: argparse.ArgumentParser, verb: str, *, several: str, methods_default,
+                    methods_help: str) -> None:
+  """The models and methods that ``step`` times and ``profile`` profiles, and their data."""
+  p.add_argument("--model", nargs="+", default=["resnet38"],
+                 help="backbone name, e.g. resnet20/38/74, mobilenet_v2 (default resnet38); "
+                      "dfq and frac use its gated_ version; transformer_lm for the LM; or "
+                      f"package.module:factory, a model of your own; several are {several}")
+  p.add_argument("--options", default="{}",
+                 help="a model of your own: the factory's keyword options, a Python dict")
+  p.add_argument("--blocks", nargs="*", default=[],
+                 help="a model of your own: path patterns of its gated blocks (dfq, frac)")
+  p.add_argument("--quantize", nargs="*", default=[],
+                 help="a model of your own: quantize rules (default: all but first and last)")
+  p.add_argument("--image-size", type=int, default=32,
+                 help="a model of your own: the side of its random images (default 32)")
+  p.add_argument("--context", type=int, default=0,
+                 help=f"a model of your own: {verb} it as a language model of this many tokens")
+  p.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
+  p.add_argument("--num-classes", type=int, default=10,
+                 help="classifier width, or the LM's vocabulary (default 10)")
+  p.add_argument("--methods", nargs="+", default=methods_default,
+                 help=f"methods to {verb}, in turn: fp32, static, pfq, dfq, frac (the "
+                      f"registered methods) and the variants {', '.join(VARIANTS)} "
+                      + methods_help)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m fractrain_jax.benchmark",
                                    description=__doc__.split("\n\n")[0])
@@ -302,43 +329,18 @@ def main(argv: list[str] | None = None) -> int:
   q = sub.add_parser("quant", help="one quantized conv against FP32")
   q.add_argument("--batch-size", type=int, default=128, help="conv input batch (default 128)")
   s = sub.add_parser("step", help="one training step per method")
-  s.add_argument("--model", nargs="+", default=["resnet38"],
-                 help="backbone name, e.g. resnet20/38/74, mobilenet_v2 (default resnet38); "
-                      "dfq and frac use its gated_ version; transformer_lm for the LM; or "
-                      "package.module:factory, a model of your own; several are timed in turn "
-                      "and compared with the first")
-  s.add_argument("--options", default="{}",
-                 help="a model of your own: the factory's keyword options, a Python dict")
-  s.add_argument("--blocks", nargs="*", default=[],
-                 help="a model of your own: path patterns of its gated blocks (dfq, frac)")
-  s.add_argument("--quantize", nargs="*", default=[],
-                 help="a model of your own: quantize rules (default: all but first and last)")
-  s.add_argument("--image-size", type=int, default=32,
-                 help="a model of your own: the side of its random images (default 32)")
-  s.add_argument("--context", type=int, default=0,
-                 help="a model of your own: time it as a language model of this many tokens")
-  s.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
-  s.add_argument("--num-classes", type=int, default=10,
-                 help="classifier width, or the LM's vocabulary (default 10)")
-  s.add_argument("--methods", nargs="+", default=None,
-                 help="methods to time, in turn: fp32, static, pfq, dfq, frac (the "
-                      f"registered methods) and the variants {', '.join(VARIANTS)} "
-                      "(default: every one the model runs, but "
-                      f"{', '.join(NOT_BY_DEFAULT)}); fp32 is the ratios' base")
+  _add_model_args(s, "time", several="timed in turn and compared with the first",
+                  methods_default=None, methods_help=(
+      "(default: every one the model runs, but "
+      f"{', '.join(NOT_BY_DEFAULT)}); fp32 is the ratios' base"))
   pr = sub.add_parser("profile", help="where one train step spends its time, by op class")
-  pr.add_argument("--model", default="resnet38",
-                  help="a zoo backbone (dfq and frac use its gated_ version; default resnet38)")
-  pr.add_argument("--methods", nargs="+", default=["fp32", "dfq"],
-                  help="methods or variants to profile, one after another (default fp32 dfq)")
-  pr.add_argument("--batch-size", type=int, default=128, help="global batch (default 128)")
-  pr.add_argument("--num-classes", type=int, default=10, help="classifier width (default 10)")
+  _add_model_args(pr, "profile", several="profiled in turn", methods_default=["fp32", "dfq"],
+                  methods_help="(default fp32 dfq)")
   pr.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
-  pr.add_argument("--json", action="store_true", help="one JSON object per line")
-  pr.add_argument("--no-cpu-flags", action="store_true",
-                  help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
   for p in (q, s):
     p.add_argument("--repeats", type=int, default=10,
                    help="timed repetitions; the median is reported (default 10)")
+  for p in (q, s, pr):
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-cpu-flags", action="store_true",
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
@@ -349,12 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an int >= 1")
   platform.configure(cpu_flags=not args.no_cpu_flags)
-  if args.bench == "step":
+  if args.bench in ("step", "profile"):
     _step_models(parser, args)
-  if args.bench == "profile":
-    args.model, args.own = [args.model], {}
-    _step_models(parser, args)
-    args.model = args.model[0]
   rows = {"quant": bench_quant, "step": bench_step, "profile": bench_profile}[args.bench](args)
   for r in rows:
     if args.json:
