@@ -11,7 +11,9 @@ lines for one truncated file, at a moment that depends on the collector.
 
 ``draining()`` makes the loops created inside it cancel their pending tasks and
 wait for them before they close, so a failed restore has ended every read when
-it returns: nothing is left for the collector to report. A TensorStore read
+it returns: nothing is left for the collector to report. A task that failed after
+nothing awaited it any more is retrieved at close, so asyncio does not log "Task
+exception was never retrieved" when it is collected. A TensorStore read
 that completes after its loop closed is dropped instead of raising "Event loop
 is closed" in TensorStore's thread.
 """
@@ -29,16 +31,35 @@ DRAIN_TIMEOUT_S = 30.0
 class DrainingLoop(asyncio.SelectorEventLoop):
   """An event loop whose ``close`` cancels the tasks still pending and waits for them."""
 
+  def __init__(self) -> None:
+    super().__init__()
+    # Every task made on this loop: one that failed while nothing awaited it any more (a
+    # read ending after its gather had raised) is retrieved at close, or asyncio logs
+    # "Task exception was never retrieved" when the collector gets to it.
+    self._made: list[asyncio.Task] = []
+    self.set_task_factory(self._make_task)
+
+  def _make_task(self, loop, coro, **kwargs):
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    self._made.append(task)
+    return task
+
   def close(self) -> None:
     if not self.is_running() and not self.is_closed():
-      pending = asyncio.all_tasks(self)
-      if pending:
+      # Cancelling can start new tasks (cleanup in Orbax's handlers): drain until none is left.
+      for _ in range(100):
+        pending = asyncio.all_tasks(self)
+        if not pending:
+          break
         for task in pending:
           task.cancel()
-        self.run_until_complete(asyncio.wait(pending, timeout=DRAIN_TIMEOUT_S))
-        for task in pending:  # Retrieved, so asyncio does not log them as never retrieved.
-          if task.done() and not task.cancelled():
-            task.exception()
+        _, stuck = self.run_until_complete(asyncio.wait(pending, timeout=DRAIN_TIMEOUT_S))
+        if stuck:  # Past the timeout: close anyway rather than hang the run.
+          break
+      for task in self._made:
+        if task.done() and not task.cancelled():
+          task.exception()
+      self._made.clear()
     super().close()
 
   def call_soon_threadsafe(self, callback, *args, context=None):
