@@ -28,6 +28,12 @@ jax.config.update("jax_platforms", os.environ.get("FRACTRAIN_TEST_PLATFORM", "cp
 jax.config.update("jax_num_cpu_devices", 2)
 # Tests use tiny models: compile time dominates, and these runs need no speed.
 jax.config.update("jax_disable_most_optimizations", True)
+# Many tests compile the same tiny programs (a method's step on the same model): the
+# session's test processes and the main.py runs they start share one compilation cache,
+# removed with the session's cache folder (the key holds the devices and XLA's options).
+from fractrain_jax.run import platform as _platform  # noqa: E402
+
+_platform.enable_compilation_cache(jax)
 
 
 import pytest  # noqa: E402
