@@ -146,6 +146,16 @@ def test_batch_indices_visit_each_example_once_per_epoch():
                                   data.batch_indices(key, step, n, b))
 
 
+def test_an_epoch_order_given_once_picks_the_batches_of_the_step_itself():
+  key, n, b = jax.random.key(3), 10, 3
+  for step in range(7):  # Across two epoch boundaries.
+    order = data.epoch_order(key, step // 3, n)
+    np.testing.assert_array_equal(data.batch_indices(key, step, n, b, order=order),
+                                  data.batch_indices(key, step, n, b))
+  with pytest.raises(ValueError, match=r"order has shape \(9,\); expected \(10,\)"):
+    data.batch_indices(key, 0, n, b, order=jnp.arange(9))
+
+
 def test_batch_indices_refuses_bad_batch_size():
   with pytest.raises(ValueError, match="batch_size=11"):
     data.batch_indices(jax.random.key(0), 0, 10, 11)

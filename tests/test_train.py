@@ -360,3 +360,23 @@ def test_a_target_outside_the_reachable_range_is_warned_about(tmp_path, caplog, 
   else:
     (message,) = warnings
     assert message.startswith(f"target cp {warned} outside") and "1.758-4.688%" in message
+
+
+def test_the_loops_epoch_order_gives_the_steps_own_batches():
+  """The loop hands the step each epoch's permutation (computed once per epoch); the
+  states after steps across an epoch boundary equal those of steps permuting themselves."""
+  config = tiny_config("fp32")
+  model = methods.get("fp32").create_model(config, 10, config.seed)
+  trainer = steps.Trainer(config, model, mean=(0, 0, 0), std=(1, 1, 1))
+  rng = np.random.default_rng(0)
+  arrays = trainer.put_replicated((rng.integers(0, 256, (20, 32, 32, 3), np.uint8),
+                                   rng.integers(0, 10, (20,), np.int32)))
+  step = trainer.train_step(methods.get("fp32").step_precision(config, 0))
+  zero = jax.numpy.float32(0.0)
+  own = trainer.init_state(0)
+  given = jax.tree.map(jax.numpy.copy, own)  # Donation would delete shared buffers.
+  for i in range(3):  # Two steps per epoch (20 // 8).
+    own, own_metrics = step(own, arrays, zero, zero)
+    order = trainer.epoch_order(given, i // 2, 20)
+    given, given_metrics = step(given, (*arrays, order), zero, zero)
+    chex.assert_trees_all_equal((own, own_metrics), (given, given_metrics))

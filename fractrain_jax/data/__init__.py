@@ -37,7 +37,7 @@ is the function; the module of that name is ``fractrain_jax.data.augment`` in
 
 from fractrain_jax.data.arrays import ArrayData, load_arrays, subset_indices
 from fractrain_jax.data.augment import (
-    augment, batch_indices, crop_flip, normalize, sample_crop_flip)
+    augment, batch_indices, crop_flip, epoch_order, normalize, sample_crop_flip)
 from fractrain_jax.data.common import (
     CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMAGENET_MEAN, IMAGENET_STD, TEXT_PREFIX, Float3)
 from fractrain_jax.data import kinds as _kinds  # Registers the built-in kinds.
@@ -63,6 +63,7 @@ __all__ = [
     "accepted",
     "augment",
     "batch_indices",
+    "epoch_order",
     "crop_flip",
     "find_source",
     "is_streamed",

@@ -133,6 +133,22 @@ def _train_batches(setup: RunSetup, start_step: int) -> Iterator[Any]:
       trainer.batch_sharding, local=True)
 
 
+class _EpochOrder:
+  """Adds the epoch's permutation to an on-device batch, computed when the epoch changes."""
+
+  def __init__(self, setup: RunSetup):
+    self.trainer, self.batch_size = setup.trainer, setup.config.train.batch_size
+    self.epoch, self.order = None, None
+
+  def add_to(self, batch, state, step: int):
+    inputs, targets = batch
+    n = inputs.shape[0]
+    epoch = step // max(1, n // self.batch_size)  # batch_indices refuses a too-small set.
+    if epoch != self.epoch:  # The state is this step's input: not donated yet.
+      self.epoch, self.order = epoch, self.trainer.epoch_order(state, epoch, n)
+    return inputs, targets, self.order
+
+
 def _evaluate(setup: RunSetup, state, precision: methods.Precision) -> dict[str, float]:
   size = setup.config.train.eval_batch_size
   if setup.trainer.data_on_device:  # Whole batches on every host; each feeds its rows.
@@ -257,6 +273,7 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
                   desc=f"{config.method} {config.model.name}", dynamic_ncols=True,
                   disable=None if processes.is_writer() else True)
   batches = _train_batches(setup, first)
+  order = _EpochOrder(setup) if trainer.data_on_device else None
   # Console log lines go through the bar while it is drawn, so neither overwrites the other.
   with StopRequests() as stop, logging_redirect_tqdm([logging.getLogger("fractrain_jax")]):
     try:
@@ -268,6 +285,8 @@ def _loop(setup: RunSetup, progress: Progress, state, first: int, stop_at: int):
         precision = method.step_precision(config, progress.stage, progress.phase)
         target = method.target_cp(config, progress.stage)
         tau = dfq.gumbel_tau(step, config.train.iters, config.dfq.tau_start, config.dfq.tau_end)
+        if order is not None:
+          batch = order.add_to(batch, state, step)
         t0 = time.perf_counter()
         state, metrics = trainer.train_step(precision)(
             state, batch, jnp.float32(target if target is not None else 0.0), jnp.float32(tau))
