@@ -37,7 +37,8 @@ is the function; the module of that name is ``fractrain_jax.data.augment`` in
 
 from fractrain_jax.data.arrays import ArrayData, load_arrays, subset_indices
 from fractrain_jax.data.augment import (
-    augment, batch_indices, crop_flip, epoch_order, normalize, sample_crop_flip)
+    augment, batch_indices, crop_flip, epoch_order, normalize, sample_crop_flip,
+    steps_per_epoch)
 from fractrain_jax.data.common import (
     CIFAR_MEAN, CIFAR_STD, FOLDER_PREFIX, IMAGENET_MEAN, IMAGENET_STD, TEXT_PREFIX, Float3)
 from fractrain_jax.data import kinds as _kinds  # Registers the built-in kinds.
@@ -64,6 +65,7 @@ __all__ = [
     "augment",
     "batch_indices",
     "epoch_order",
+    "steps_per_epoch",
     "crop_flip",
     "find_source",
     "is_streamed",

@@ -24,6 +24,15 @@ def epoch_order(key: jax.Array, epoch: int | jax.Array, num_examples: int) -> ja
   return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Steps of one epoch, the last ``num_examples % batch_size`` examples dropped: the one
+  rule by which ``batch_indices`` and the training loop's ``epoch_order`` tell epochs apart."""
+  if batch_size < 1 or num_examples < batch_size:
+    raise ValueError(
+        f"batch_size={batch_size} must be in 1..num_examples={num_examples}")
+  return num_examples // batch_size
+
+
 def batch_indices(key: jax.Array, step: int | jax.Array, num_examples: int,
                   batch_size: int, *, order: jax.Array | None = None) -> jax.Array:
   """Indices of the examples of training step `step`, int32 `(batch_size,)`.
@@ -35,17 +44,14 @@ def batch_indices(key: jax.Array, step: int | jax.Array, num_examples: int,
   epoch by the caller (permuting CIFAR's 50,000 examples took 37 ms, which
   every step of ResNet-20 otherwise spent again); the same indices.
   """
-  if batch_size < 1 or num_examples < batch_size:
-    raise ValueError(
-        f"batch_size={batch_size} must be in 1..num_examples={num_examples}")
-  steps_per_epoch = num_examples // batch_size
+  per_epoch = steps_per_epoch(num_examples, batch_size)
   step = jnp.asarray(step, jnp.int32)
   if order is None:
-    order = epoch_order(key, step // steps_per_epoch, num_examples)
+    order = epoch_order(key, step // per_epoch, num_examples)
   elif order.shape != (num_examples,):
     raise ValueError(f"order has shape {order.shape}; expected ({num_examples},), a "
                      "permutation of the training set")
-  start = (step % steps_per_epoch) * batch_size
+  start = (step % per_epoch) * batch_size
   return jax.lax.dynamic_slice_in_dim(order, start, batch_size).astype(jnp.int32)
 
 

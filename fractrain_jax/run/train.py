@@ -143,7 +143,7 @@ class _EpochOrder:
   def add_to(self, batch, state, step: int):
     inputs, targets = batch
     n = inputs.shape[0]
-    epoch = step // max(1, n // self.batch_size)  # batch_indices refuses a too-small set.
+    epoch = step // data.steps_per_epoch(n, self.batch_size)
     if epoch != self.epoch:  # The state is this step's input: not donated yet.
       self.epoch, self.order = epoch, self.trainer.epoch_order(state, epoch, n)
     return inputs, targets, self.order
