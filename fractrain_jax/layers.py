@@ -192,8 +192,9 @@ class Quantizers(nnx.Module):
     """``y`` whose cotangent is quantized to the chosen ``g`` (per sample or token)."""
     if bits is None or self.use_running_average:
       return y  # Evaluation has no backward pass to quantize.
-    g = bits.g if isinstance(bits, StaticBits) else bits.chosen_g()
-    return quant.quantize_grad(y, g, key)
+    if isinstance(bits, StaticBits):
+      return quant.quantize_grad(y, bits.g, key)
+    return quant.quantize_grad(y, bits.chosen_g(), key, widths=bits.g)
 
 
 class QuantizedLayer(Quantizers):

@@ -107,8 +107,15 @@ def _along_last_axis(s: jax.Array, x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(jnp.broadcast_to(s, x.shape[-1:]))
 
 
-def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None) -> jax.Array:
-  """Dequantized ``Q_b(x; lo, hi)``; rounds to nearest, or stochastically with ``key``."""
+def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None,
+             widths: tuple[int, ...] | None = None) -> jax.Array:
+  """Dequantized ``Q_b(x; lo, hi)``; rounds to nearest, or stochastically with ``key``.
+
+  widths: the values an array of ``bits`` can take (DFQ's candidates), when
+  known. Without 0 among them no sample passes through unquantized, and the
+  pass-through select, a whole pass over the tensor, is left out; the values
+  are the same.
+  """
   check_bits(bits)
   if is_static(bits):
     if bits == 0:
@@ -132,7 +139,7 @@ def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None) 
   # Clipping the dequantized value to [lo, lo + levels * step] equals clipping the
   # level to [0, levels], and keeps constant tensors out of the fused kernel.
   q = jnp.minimum(jnp.maximum(jnp.round(v) * step + lo, lo), top)
-  if not is_static(bits):
+  if not is_static(bits) and (widths is None or 0 in widths):
     q = jnp.where(_over_leading(bits, x.ndim) == 0, xf, q)
   return q.astype(x.dtype)
 
@@ -208,7 +215,7 @@ def _blend_terms(x, lo, hi, widths):
 def _blend(x, mask, lo, hi, widths, one_hot):
   if one_hot:
     chosen = jnp.asarray(widths, jnp.int32)[jnp.argmax(mask, axis=-1)]
-    return quantize(x, chosen, lo=lo, hi=hi)
+    return quantize(x, chosen, lo=lo, hi=hi, widths=widths)
   out = None
   for w, q in _blend_terms(x, lo, hi, widths).items():
     weight = sum(mask[..., k] for k, wk in enumerate(widths) if wk == w)
@@ -258,8 +265,9 @@ def quantize_weight(w: jax.Array, bits: int, channel_axes: tuple[int, ...] | Non
   return straight_through(w, quantize(ws, bits, lo=lo, hi=hi))
 
 
-def _quantize_cotangent(g: jax.Array, bits: Bits, key: jax.Array) -> jax.Array:
-  return quantize(g, bits, lo=jnp.min(g), hi=jnp.max(g), key=key)
+def _quantize_cotangent(g: jax.Array, bits: Bits, key: jax.Array,
+                        widths: tuple[int, ...] | None = None) -> jax.Array:
+  return quantize(g, bits, lo=jnp.min(g), hi=jnp.max(g), key=key, widths=widths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -280,30 +288,33 @@ def _quantize_grad_static_bwd(bits, key, g):
 _quantize_grad_static.defvjp(_quantize_grad_static_fwd, _quantize_grad_static_bwd)
 
 
-@jax.custom_vjp
-def _quantize_grad_array(y, bits, key):
-  del bits, key
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _quantize_grad_array(y, bits, key, widths):
+  del bits, key, widths
   return y
 
 
-def _quantize_grad_array_fwd(y, bits, key):
+def _quantize_grad_array_fwd(y, bits, key, widths):
+  del widths
   return y, (bits, key)
 
 
-def _quantize_grad_array_bwd(res, g):
+def _quantize_grad_array_bwd(widths, res, g):
   bits, key = res
-  return _quantize_cotangent(g, bits, key), None, None
+  return _quantize_cotangent(g, bits, key, widths), None, None
 
 
 _quantize_grad_array.defvjp(_quantize_grad_array_fwd, _quantize_grad_array_bwd)
 
 
-def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None) -> jax.Array:
+def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None, *,
+                  widths: tuple[int, ...] | None = None) -> jax.Array:
   """Identity forward; backward quantizes the cotangent of ``y`` stochastically.
 
   The cotangent's range is its own per-tensor min/max over the whole batch;
   an array of ``bits`` over the leading axes picks each sample's (or token's)
-  grid within that range.
+  grid within that range; ``widths``, the values it can take (see
+  ``quantize``).
   """
   check_bits(bits)
   if is_static(bits):
@@ -315,4 +326,8 @@ def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None) -> jax.Array:
   if key is None:
     raise ValueError("quantize_grad with an array of bits needs a PRNG key")
   _check_leading("bits", bits.shape, y.shape)
-  return _quantize_grad_array(y, bits, key)
+  if widths is not None:
+    widths = tuple(int(w) for w in widths)
+    for w in widths:
+      check_bits(w, "candidate bits")
+  return _quantize_grad_array(y, bits, key, widths)

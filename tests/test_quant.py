@@ -137,6 +137,31 @@ def test_quantize_grad_is_identity_forward_and_quantizes_the_cotangent(bits):
     assert np.abs(g[i] - cn[i]).max() <= s * (1 + 1e-4)
 
 
+def _selects(fn, *args) -> int:
+  # The text holds the nested jaxprs too (jnp.where is a jit of its own).
+  return str(jax.make_jaxpr(fn)(*args)).count("select_n")
+
+
+@pytest.mark.parametrize("widths", [(3, 4, 4, 6, 6), (2, 8), (0, 2, 8)])
+def test_candidate_widths_leave_out_the_pass_through_only_without_zero(widths):
+  x = jax.random.normal(jax.random.key(20), (6, 4, 4, 3)) * 2.0
+  cot = jax.random.normal(jax.random.key(21), x.shape)
+  bits = jnp.asarray(widths, jnp.int32)[jnp.arange(6) % len(widths)]
+  key = jax.random.key(22)
+
+  def forward(x, bits, widths=None):
+    return quant.quantize(x, bits, lo=-1.5, hi=2.0, widths=widths)
+
+  def backward(cot, bits, widths=None):
+    _, vjp = jax.vjp(lambda v: quant.quantize_grad(v, bits, key, widths=widths), x)
+    return vjp(cot)[0]
+
+  for fn, arg in ((forward, x), (backward, cot)):
+    np.testing.assert_array_equal(np.asarray(fn(arg, bits, widths)), np.asarray(fn(arg, bits)))
+    assert _selects(fn, arg, bits) == 1
+    assert _selects(lambda a, b: fn(a, b, widths), arg, bits) == (1 if 0 in widths else 0)
+
+
 def test_per_sample_bits_do_not_retrace():
   @jax.jit
   @chex.assert_max_traces(n=1)
