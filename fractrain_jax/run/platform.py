@@ -17,8 +17,8 @@ import warnings
 # inside the transposes of weight-gradient convs; YNNPACK's element-wise fusion
 # measured 1.4-1.5x faster CIFAR training steps on a 2-core AVX-512 CPU.
 # Convolutions stay XLA's own (Eigen): YNNPACK takes those with more than 16
-# channels by default, and ran them 1.0-1.5x slower per call; without them a
-# ResNet-38 step measured 0.91x (FP32) and 0.75x (DFQ) the time (docs/RESULTS.md).
+# channels unless told not to, and ran them up to 1.5x slower per call; without
+# them ResNet-38 steps took 0.75-0.95x the time, every method (docs/RESULTS.md).
 CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=+eltwise,-individual_convolution"
 
 # Distributions whose presence means JAX will pick an accelerator by default.
