@@ -175,6 +175,14 @@ def fake_quant(x: jax.Array, bits: Bits, *, lo=None, hi=None) -> jax.Array:
   return straight_through(x, quantize(xs, bits, lo=lo, hi=hi))
 
 
+def _candidate_widths(widths) -> tuple[int, ...]:
+  """DFQ's candidate widths as a hashable tuple of checked ints (static under jit)."""
+  widths = tuple(int(w) for w in widths)
+  for w in widths:
+    check_bits(w, "candidate bits")
+  return widths
+
+
 def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, lo,
                      hi, one_hot: bool = False) -> jax.Array:
   """``sum_k mask[..., k] * Q_{widths[k]}(x)``: DFQ's choice of input width.
@@ -194,9 +202,7 @@ def fake_quant_blend(x: jax.Array, mask: jax.Array, widths: tuple[int, ...], *, 
   the candidates at the cost of one candidate (DFQ's ResNet-38 step went from
   1.54x to 1.40x FP32, docs/RESULTS.md). The gradients are unchanged.
   """
-  widths = tuple(int(w) for w in widths)
-  for w in widths:
-    check_bits(w, "candidate bits")
+  widths = _candidate_widths(widths)
   if mask.ndim < 2 or mask.shape[-1] != len(widths):
     raise ValueError(f"mask has shape {mask.shape}; expected (batch, K) or "
                      f"(batch, positions, K) with K = {len(widths)} candidates")
@@ -327,7 +333,5 @@ def quantize_grad(y: jax.Array, bits: Bits, key: jax.Array | None, *,
     raise ValueError("quantize_grad with an array of bits needs a PRNG key")
   _check_leading("bits", bits.shape, y.shape)
   if widths is not None:
-    widths = tuple(int(w) for w in widths)
-    for w in widths:
-      check_bits(w, "candidate bits")
+    widths = _candidate_widths(widths)
   return _quantize_grad_array(y, bits, key, widths)
