@@ -2,18 +2,20 @@
 
 Why: XLA:CPU computes a conv's weight gradient as one convolution whose
 window is the whole output image and whose contraction runs over the whole
-batch. On a 2-core AVX-512 CPU that took 4-5x the forward conv's time for the
-same MACs, 47 % of a ResNet-38 FP32 step (docs/RESULTS.md). The sum of the
-weight gradients of chunks of 8 samples is the same gradient, in another
-summation order, at a third of the time. The input gradient and the forward
-pass are XLA's own.
+batch. On a 2-core AVX-512 CPU, for a conv whose input has 16 features or
+fewer, the sum of the weight gradients of chunks of 8 samples is the same
+gradient, in another summation order, at 0.6x the time; from 32 features up
+XLA's one conv is faster (docs/RESULTS.md, "Fourth step"). The input gradient
+and the forward pass are XLA's own.
 
 The split is read when a step is traced (``weight_grad_split``), so a model
 called outside it (tests, a user's own loop) runs XLA's form, and a mesh of
 several devices keeps it: chunks of a batch sharded over devices would cross
 them. ``config.train.conv_weight_grad_split`` chooses: -1 (auto: chunks of
-``CPU_SPLIT`` samples on a one-device CPU mesh, XLA's form elsewhere), 0 (XLA's
-form always, the numerics of earlier versions bit for bit) or n > 0 samples.
+``CPU_SPLIT`` samples on a one-device CPU mesh for convs whose input has at
+most ``CPU_SPLIT_MAX_FEATURES`` features, XLA's form elsewhere), 0 (XLA's form
+always, the numerics of earlier versions bit for bit) or n > 0 samples (every
+conv).
 """
 
 from __future__ import annotations
@@ -21,18 +23,29 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
 
 AUTO = -1
-# Samples per chunk on the CPU: 16 chunks of a batch of 128 measured fastest at
-# every ResNet stage shape (docs/RESULTS.md, "Step time against the PyTorch peers").
+# Samples per chunk on the CPU: chunks of 8 and 16 tied at 16 features, chunks of
+# 4 were slower (docs/RESULTS.md, "Fourth step").
 CPU_SPLIT = 8
+# Auto splits only convs whose input has at most this many features: with 32 or
+# 64 XLA's one weight-gradient conv measured 0.7-0.8x the split's time on this CPU,
+# with 3 or 16 the split 0.6-0.9x XLA's (docs/RESULTS.md, "Fourth step").
+CPU_SPLIT_MAX_FEATURES = 16
 
-_SPLIT: contextvars.ContextVar[int] = contextvars.ContextVar("fractrain_weight_grad_split",
-                                                             default=0)
+
+class Split(NamedTuple):
+  """Which convs of a step compute their weight gradient in chunks, and how big."""
+  samples: int  # Samples per chunk; 0: XLA's one conv over the whole batch.
+  max_features: int | None = None  # Only convs whose input has at most this many; None: all.
+
+
+_SPLIT: contextvars.ContextVar[Split] = contextvars.ContextVar("fractrain_weight_grad_split",
+                                                               default=Split(0))
 
 
 def check_split(split: int) -> int:
@@ -43,20 +56,25 @@ def check_split(split: int) -> int:
   return int(split)
 
 
-def resolve_split(split: int, mesh: jax.sharding.Mesh) -> int:
-  """The samples per chunk a step on ``mesh`` uses for setting ``split`` (see the module doc)."""
+def resolve_split(split: int, mesh: jax.sharding.Mesh) -> Split:
+  """The split a step on ``mesh`` uses for setting ``split`` (see the module doc)."""
   split = check_split(split)
   if mesh.devices.size > 1:
-    return 0
+    return Split(0)
   if split == AUTO:
-    return CPU_SPLIT if mesh.devices.flat[0].platform == "cpu" else 0
-  return split
+    if mesh.devices.flat[0].platform == "cpu":
+      return Split(CPU_SPLIT, CPU_SPLIT_MAX_FEATURES)
+    return Split(0)
+  return Split(split)
 
 
 @contextlib.contextmanager
-def weight_grad_split(samples: int) -> Iterator[None]:
-  """Convs traced inside compute their weight gradient in chunks of ``samples`` (0 = whole batch)."""
-  token = _SPLIT.set(check_split(samples))
+def weight_grad_split(split: Split | int) -> Iterator[None]:
+  """Convs traced inside compute their weight gradient as ``split`` says; an int n is
+  ``Split(n)``: chunks of n samples for every conv (0 = XLA's one conv)."""
+  if not isinstance(split, Split):
+    split = Split(split)
+  token = _SPLIT.set(Split(check_split(split.samples), split.max_features))
   try:
     yield
   finally:
@@ -78,11 +96,12 @@ _OPTIONS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimens
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
   """``jax.lax.conv_general_dilated`` (same arguments), its weight gradient split if asked."""
-  samples = _SPLIT.get()
+  samples, max_features = _SPLIT.get()
   options = dict(zip(_OPTIONS, args)) | kwargs
   spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))
-  batch = lhs.shape[spec.lhs_spec[0]]
-  if samples <= 0 or batch <= samples or options.get("batch_group_count", 1) != 1:
+  batch, features = lhs.shape[spec.lhs_spec[0]], lhs.shape[spec.lhs_spec[1]]
+  if (samples <= 0 or batch <= samples or options.get("batch_group_count", 1) != 1
+      or (max_features is not None and features > max_features)):
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
   frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
   return _split_conv(lhs, rhs, frozen, samples)

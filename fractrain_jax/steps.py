@@ -82,7 +82,7 @@ class Trainer:
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    # Samples per chunk of the convs' weight gradients in the train step (conv.py).
+    # Which convs split their weight gradients over the batch in the train step (conv.py).
     self.weight_grad_split = conv.resolve_split(config.train.conv_weight_grad_split, self.mesh)
     model.train()
     self.train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)

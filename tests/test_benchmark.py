@@ -164,3 +164,27 @@ def test_profile_takes_a_model_of_your_own(capsys):
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert {r["model"] for r in rows} == {"examples.user_models:resnet"}
   assert {"conv forward", "conv weight-grad"} <= {r["op_class"] for r in rows}
+
+
+def test_an_asynchronous_instruction_runs_until_its_end_event():
+  """XLA:CPU's own convs are launched and finish later ("end: NAME"): their time
+  is launch to finish; a synchronous one's is its event's duration; time when
+  both run is shared."""
+  from fractrain_jax.benchmark import profile
+
+  def ev(name, ts, dur):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+
+  events = [ev("convolution.1", 0.0, 2.0), ev("fusion.3", 3.0, 5.0), ev("end: convolution.1", 40.0, 1.0),
+            ev("convolution.1", 100.0, 2.0),  # This run finished synchronously: no end event
+            ev("convolution.1", 200.0, 2.0), ev("end: convolution.1", 230.0, 0.5),
+            ev("fusion.3", 300.0, 4.0), {"ph": "M", "name": "fusion.3"},
+            ev("end: unknown.7", 50.0, 1.0)]
+  names = {"convolution.1", "fusion.3"}
+  assert sorted(profile.instruction_intervals(events, names)) == [
+      (0.0, 41.0, "convolution.1"), (3.0, 8.0, "fusion.3"), (100.0, 102.0, "convolution.1"),
+      (200.0, 230.5, "convolution.1"), (300.0, 304.0, "fusion.3")]
+  # From 3 to 8 both run: 2.5 each. The times add up to the union of the intervals.
+  times = profile.instruction_times(events, names)
+  assert times == pytest.approx({"convolution.1": 3 + 2.5 + 33 + 2 + 30.5, "fusion.3": 2.5 + 4})
+  assert sum(times.values()) == pytest.approx(41 + 2 + 30.5 + 4)

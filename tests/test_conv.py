@@ -124,11 +124,33 @@ def test_attached_flax_conv_splits_inside_a_step():
 def test_trainer_resolves_the_split_for_its_mesh():
   mesh = steps.data_mesh(1)
   platform = jax.devices()[0].platform
-  assert conv.resolve_split(conv.AUTO, mesh) == (conv.CPU_SPLIT if platform == "cpu" else 0)
-  assert conv.resolve_split(0, mesh) == 0
-  assert conv.resolve_split(4, mesh) == 4
+  auto = (conv.Split(conv.CPU_SPLIT, conv.CPU_SPLIT_MAX_FEATURES) if platform == "cpu"
+          else conv.Split(0))
+  assert conv.resolve_split(conv.AUTO, mesh) == auto
+  assert conv.resolve_split(0, mesh) == conv.Split(0)
+  assert conv.resolve_split(4, mesh) == conv.Split(4)  # Asked for: every conv, any width.
   several = jax.sharding.Mesh(np.array(jax.devices()[:1] * 2), ("data",))
-  assert conv.resolve_split(4, several) == 0  # Chunks of a sharded batch would cross devices.
+  # Chunks of a sharded batch would cross devices.
+  assert conv.resolve_split(4, several) == conv.Split(0)
+  assert conv.resolve_split(conv.AUTO, several) == conv.Split(0)
+
+
+@pytest.mark.parametrize("features,split", [(3, True), (4, True), (5, False), (8, False)])
+def test_a_feature_limit_splits_only_the_narrow_convs(features, split):
+  """Split(n, m) chunks the weight gradient of a conv whose input has at most m
+  features and leaves a wider conv's to XLA, with the same gradient either way."""
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (8, 5, 5, features))
+  k = jax.random.normal(kk, (3, 3, features, 2))
+  args = _conv_args(1, 1)
+  g = jax.random.normal(kg, (8, 5, 5, 2))
+  loss = lambda k: jnp.vdot(conv.conv_general_dilated(x, k, **args), g)
+  with conv.weight_grad_split(conv.Split(2, max_features=4)):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(k))
+    dk = jax.grad(loss)(k)
+  # The batch of 8 is cut into four chunks of 2 samples, or not at all.
+  assert jaxpr.count(f"f32[2,5,5,{features}] = slice") == (4 if split else 0)
+  np.testing.assert_allclose(dk, _numpy_weight_grad(x, g, k.shape, 1, 1), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bad", [-2, 1.5, True, "8"])
