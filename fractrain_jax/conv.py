@@ -4,7 +4,7 @@ Why: XLA:CPU computes a conv's weight gradient as one convolution whose
 window is the whole output image and whose contraction runs over the whole
 batch. On a 2-core AVX-512 CPU, for a conv whose input has 16 features or
 fewer, the sum of the weight gradients of chunks of 8 samples is the same
-gradient, in another summation order, at 0.6x the time; from 32 features up
+gradient, in another summation order, at 0.6-0.9x the time; from 32 features up
 XLA's one conv is faster (docs/RESULTS.md, "Fourth step"). The input gradient
 and the forward pass are XLA's own.
 
@@ -33,7 +33,7 @@ AUTO = -1
 # 4 were slower (docs/RESULTS.md, "Fourth step").
 CPU_SPLIT = 8
 # Auto splits only convs whose input has at most this many features: with 32 or
-# 64 XLA's one weight-gradient conv measured 0.7-0.8x the split's time on this CPU,
+# 64 XLA's one weight-gradient conv measured 0.4-0.9x the split's time on this CPU,
 # with 3 or 16 the split 0.6-0.9x XLA's (docs/RESULTS.md, "Fourth step").
 CPU_SPLIT_MAX_FEATURES = 16
 
