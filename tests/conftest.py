@@ -80,3 +80,14 @@ def optimized_compiles():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+# Files whose tests start main.py processes (tens of seconds each) run first: under
+# pytest-xdist a long test collected last would leave the other worker idle at the end.
+_SLOW_FIRST = ("test_processes.py", "test_attach_train.py", "test_workdir.py", "test_steering.py",
+               "test_gated_lm.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: order kept within.
