@@ -1,6 +1,14 @@
-"""The convolution every quantized conv layer runs, with its weight gradient split over the batch.
+"""The convolution every quantized conv layer runs: oneDNN's kernels or XLA's, its weight
+gradient split over the batch where XLA's is slow.
 
-Why: XLA:CPU computes a conv's weight gradient as one convolution whose
+Kernel: ``config.train.conv_kernel`` chooses "onednn" (``fractrain_jax/onednn``:
+oneDNN's convs through JAX's FFI, 1.5-3x faster per conv than XLA:CPU's on this
+AVX-512 CPU, docs/RESULTS.md "Fifth step"), "xla" (XLA's conv, the numerics of
+earlier versions) or "auto" (oneDNN on a one-device CPU mesh where it builds, XLA's
+elsewhere). Like the split, it is read when a step is traced (``kernel``), and convs
+the oneDNN kernels do not take (not float32, input dilation, batch groups) stay XLA's.
+
+Weight-gradient split (the convs that stay XLA's): XLA:CPU computes a conv's weight gradient as one convolution whose
 window is the whole output image and whose contraction runs over the whole
 batch. On a 2-core AVX-512 CPU, for a conv whose input has 16 features or
 fewer, the sum of the weight gradients of chunks of 8 samples is the same
@@ -27,6 +35,11 @@ from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
+
+from fractrain_jax.errors import ConfigError
+from fractrain_jax.onednn import library as onednn_library
+from fractrain_jax.onednn import ops as onednn_ops
 
 AUTO = -1
 # Samples per chunk on the CPU: chunks of 8 and 16 tied at 16 features, chunks of
@@ -36,6 +49,55 @@ CPU_SPLIT = 8
 # 64 XLA's one weight-gradient conv measured 0.4-0.9x the split's time on this CPU,
 # with 3 or 16 the split 0.6-0.9x XLA's (docs/RESULTS.md, "Fourth step").
 CPU_SPLIT_MAX_FEATURES = 16
+
+
+AUTO_KERNEL, XLA, ONEDNN = "auto", "xla", "onednn"
+KERNELS = (AUTO_KERNEL, XLA, ONEDNN)
+
+_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("fractrain_conv_kernel",
+                                                              default=XLA)
+
+
+def _one_cpu(mesh: jax.sharding.Mesh) -> bool:
+  return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def resolve_kernel(kernel: str, mesh: jax.sharding.Mesh) -> str:
+  """The kernel ("xla" or "onednn") a step on ``mesh`` uses for setting ``kernel``; an
+  explicit "onednn" that cannot run here is a ConfigError saying why."""
+  if kernel not in KERNELS:
+    raise ConfigError(f"config.train.conv_kernel={kernel!r}; expected one of {KERNELS}")
+  if kernel == XLA:
+    return XLA
+  if not _one_cpu(mesh):
+    if kernel == ONEDNN:
+      raise ConfigError(
+          f"config.train.conv_kernel='onednn' runs on a one-device CPU mesh; this mesh has "
+          f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s): expected 'auto' or "
+          "'xla'")
+    return XLA
+  found = onednn_library.status()
+  if found.ok:
+    return ONEDNN
+  if kernel == ONEDNN:
+    raise ConfigError(f"config.train.conv_kernel='onednn': {found.reason}; expected 'auto' "
+                      "or 'xla' where oneDNN cannot be built")
+  logging.warning("Convs run XLA's kernel, not oneDNN's (train.conv_kernel='auto'): %s",
+                  found.reason)
+  return XLA
+
+
+@contextlib.contextmanager
+def kernel(name: str) -> Iterator[None]:
+  """Convs traced inside run ``name``'s kernel ("xla" or "onednn", as ``resolve_kernel``
+  gives it)."""
+  if name not in (XLA, ONEDNN):
+    raise ValueError(f"conv kernel {name!r}; expected 'xla' or 'onednn'")
+  token = _KERNEL.set(name)
+  try:
+    yield
+  finally:
+    _KERNEL.reset(token)
 
 
 class Split(NamedTuple):
@@ -95,9 +157,12 @@ _OPTIONS = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimens
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
-  """``jax.lax.conv_general_dilated`` (same arguments), its weight gradient split if asked."""
-  samples, max_features = _SPLIT.get()
+  """``jax.lax.conv_general_dilated`` (same arguments) on the kernel a step asks for, its
+  weight gradient split if asked."""
   options = dict(zip(_OPTIONS, args)) | kwargs
+  if _KERNEL.get() == ONEDNN and onednn_ops.supports(lhs, rhs, options):
+    return onednn_ops.conv(lhs, rhs, onednn_ops.window(lhs.shape, rhs.shape, options))
+  samples, max_features = _SPLIT.get()
   spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))
   batch, features = lhs.shape[spec.lhs_spec[0]], lhs.shape[spec.lhs_spec[1]]
   if (samples <= 0 or batch <= samples or options.get("batch_group_count", 1) != 1

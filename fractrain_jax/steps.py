@@ -82,7 +82,9 @@ class Trainer:
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    # Which convs split their weight gradients over the batch in the train step (conv.py).
+    # The convs' kernel (oneDNN's or XLA's) in the train and eval steps, and which of XLA's
+    # split their weight gradients over the batch in the train step (conv.py).
+    self.conv_kernel = conv.resolve_kernel(config.train.conv_kernel, self.mesh)
     self.weight_grad_split = conv.resolve_split(config.train.conv_weight_grad_split, self.mesh)
     model.train()
     self.train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
@@ -210,7 +212,7 @@ class Trainer:
     x = jax.lax.with_sharding_constraint(inputs, self.batch_sharding)
     y = jax.lax.with_sharding_constraint(targets, self.batch_sharding)
     grad_fn = jax.grad(self._loss, has_aux=True)
-    with conv.weight_grad_split(self.weight_grad_split):
+    with conv.kernel(self.conv_kernel), conv.weight_grad_split(self.weight_grad_split):
       grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, y, model_key,
                                               precision, target_cp, tau, self.train_graphdef)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -246,10 +248,11 @@ class Trainer:
     normalize = self.data_on_device and self.task != "lm"
     x = data.normalize(inputs, self.mean, self.std) if normalize else inputs
     x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
-    if self.gated:
-      logits, _ = model(x, full_precision=precision.full)
-    else:
-      logits = model(x, precision.bits)
+    with conv.kernel(self.conv_kernel):
+      if self.gated:
+        logits, _ = model(x, full_precision=precision.full)
+      else:
+        logits = model(x, precision.bits)
     # ``valid`` has the shape of ``targets``: per image, or per token of a window.
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, -1) == targets) & valid

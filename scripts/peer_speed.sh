@@ -56,10 +56,10 @@ for round in $(seq "$ROUNDS"); do
     "$VENV/bin/python" scripts/peer_speed_torch.py authors --authors-dir "$AUTHORS_DIR" \
       "${TORCH_ARGS[@]}" >> "$OUT"
   fi
-  # *_xla_wgrad: the same steps with XLA's weight-gradient conv (the form before
-  # train.conv_weight_grad_split), a row of their own.
+  # *_xla: the same steps on XLA's convs (the default before train.conv_kernel's
+  # oneDNN kernels), a row of their own.
   "$PY" -m fractrain_jax.benchmark step --model "$MODEL" \
-    --methods fp32 static pfq dfq frac fp32_xla_wgrad pfq_xla_wgrad dfq_xla_wgrad \
+    --methods fp32 static pfq dfq frac fp32_xla static_xla pfq_xla dfq_xla frac_xla \
     --batch-size "$BATCH" --repeats "$REPEATS" --json >> "$OUT"
 done
 "$PY" -m fractrain_jax.benchmark.peers "$OUT"

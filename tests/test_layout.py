@@ -21,9 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 # Layer of a module: its folder under the package ("" for the top-level modules).
 # Each layer may import its own modules and those named here: a module, a folder
 # (everything under it), or "fractrain_jax.*" (every top-level module). ALGORITHM
-# is the algorithm's layer: the top-level modules with models/, data/ and attach/.
+# is the algorithm's layer: the top-level modules with models/, data/ and attach/, and
+# the oneDNN conv kernels under them.
 ALGORITHM = ("fractrain_jax.*", "fractrain_jax.models", "fractrain_jax.data",
-             "fractrain_jax.attach")
+             "fractrain_jax.attach", "fractrain_jax.onednn")
 ALLOWED = {
     "": ALGORITHM,
     "models": ("fractrain_jax.quant", "fractrain_jax.layers", "fractrain_jax.cost",
@@ -31,6 +32,7 @@ ALLOWED = {
     "data": ("fractrain_jax.errors", "fractrain_jax.processes"),
     "attach": ("fractrain_jax.quant", "fractrain_jax.conv", "fractrain_jax.layers",
                "fractrain_jax.cost", "fractrain_jax.errors", "fractrain_jax.models"),
+    "onednn": (),
     "run": ALGORITHM,
     "report": ("fractrain_jax.run.files", "fractrain_jax.run.console"),
     "benchmark": ALGORITHM + ("fractrain_jax.run.platform",),

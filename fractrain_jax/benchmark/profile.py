@@ -5,8 +5,9 @@ HLO instruction's time; the compiled module's text gives what each one is:
 its ops, and the source lines it came from (the stack frames XLA keeps in
 the metadata). Classes, first match wins:
 
-  conv forward / conv input-grad / conv weight-grad: an instruction holding a
-    convolution (the weight gradient is the conv whose window is larger than
+  conv forward / conv input-grad / conv weight-grad: a call of one of the oneDNN
+    kernels (``fractrain_jax/onednn``, one per pass), or an instruction holding
+    a convolution (the weight gradient is the conv whose window is larger than
     its output image; the input gradient one traced under ``transpose``);
   transpose/copy: layout changes (most feed the convs);
   quantizers, gate, data augmentation, cost and DFQ loss, optimizer, BN: by
@@ -45,6 +46,11 @@ FILE_CLASSES = (("fractrain_jax/quant.py", "quantizers"),
 LINE_CLASSES = ((re.compile(r"tx\.update|apply_updates|global_norm"), "optimizer"),
                 (re.compile(r"\bbn\w*\(|\bnorm\w*\(|BatchNorm"), "BN"))
 OTHER = "other element-wise"
+# The oneDNN kernels' FFI targets (fractrain_jax/onednn/library.py) -> class.
+KERNEL_CLASSES = {"FractrainOneDnnConvForward": "conv forward",
+                  "FractrainOneDnnConvInputGrad": "conv input-grad",
+                  "FractrainOneDnnConvWeightGrad": "conv weight-grad"}
+_TARGET = re.compile(r'custom_call_target="(\w+)"')
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
@@ -125,6 +131,10 @@ class HloIndex:
   def classify(self, name: str) -> str:
     inst = self.instructions[name]
     members = self.members(name)
+    for member in members:
+      target = _TARGET.search(member.line) if member.op == "custom-call" else None
+      if target and target.group(1) in KERNEL_CLASSES:
+        return KERNEL_CLASSES[target.group(1)]
     conv = next((m for m in members if m.op == "convolution"), None)
     if conv is not None:
       window = re.search(r"window=\{size=([\dx]+)", conv.line)

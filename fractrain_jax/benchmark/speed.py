@@ -33,19 +33,24 @@ from typing import Any, Callable
 from fractrain_jax.run import platform
 
 # Benchmark variants beyond the registered methods: name -> (method, config overrides).
-# *_xla_wgrad: every conv's weight gradient as XLA's one conv over the whole batch
-# (train.conv_weight_grad_split=0); *_split_all: every conv's in chunks of 8 samples
+# *_xla: XLA's convs, where auto runs oneDNN's (train.conv_kernel="xla"). On XLA's convs
+# too: *_xla_wgrad, every conv's weight gradient as XLA's one conv over the whole batch
+# (train.conv_weight_grad_split=0); *_split_all, every conv's in chunks of 8 samples
 # (=8), where auto splits only the convs with few input features (fractrain_jax/conv.py).
 VARIANTS = {"dfq_per_candidate": ("dfq", {"dfq.forward": "per_candidate"}),
             "frac_per_candidate": ("frac", {"dfq.forward": "per_candidate"}),
-            **{f"{m}_xla_wgrad": (m, {"train.conv_weight_grad_split": 0})
+            **{f"{m}_xla_wgrad": (m, {"train.conv_weight_grad_split": 0,
+                                      "train.conv_kernel": "xla"})
                for m in ("fp32", "pfq", "dfq")},
-            **{f"{m}_split_all": (m, {"train.conv_weight_grad_split": 8})
-               for m in ("fp32", "pfq", "dfq")}}
+            **{f"{m}_split_all": (m, {"train.conv_weight_grad_split": 8,
+                                      "train.conv_kernel": "xla"})
+               for m in ("fp32", "pfq", "dfq")},
+            **{f"{m}_xla": (m, {"train.conv_kernel": "xla"})
+               for m in ("fp32", "static", "pfq", "dfq", "frac")}}
 # Timed unless --methods names them (frac_per_candidate runs K forwards a step; the
 # others measure a choice the defaults already made).
 NOT_BY_DEFAULT = ("frac_per_candidate",
-                  *(v for v in VARIANTS if v.endswith(("_xla_wgrad", "_split_all"))))
+                  *(v for v in VARIANTS if v.endswith(("_xla_wgrad", "_split_all", "_xla"))))
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> float:

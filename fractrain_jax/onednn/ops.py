@@ -1,0 +1,93 @@
+"""The oneDNN conv as a JAX function: ``conv.cc``'s three passes under one ``custom_vjp``.
+
+``supports`` says which ``jax.lax.conv_general_dilated`` calls it takes (2-D, float32,
+NHWC/HWIO/NHWC, no input dilation, no batch groups, no negative padding); the rest stay
+XLA's (``fractrain_jax/conv.py`` routes). The window (strides, padding, dilation,
+groups) is static, so it travels as a hashable tuple and reaches the kernels as one
+FFI attribute.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fractrain_jax.onednn import library
+
+_LAYOUT = ("NHWC", "HWIO", "NHWC")
+
+
+def _canonical(lhs_shape, rhs_shape) -> jax.lax.ConvDimensionNumbers:
+  return jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, _LAYOUT)
+
+
+def window(lhs_shape, rhs_shape, options: Mapping[str, Any]) -> tuple[int, ...] | None:
+  """The kernels' window attribute for a conv with ``options`` (``conv_general_dilated``'s
+  keyword arguments), or None where the kernels do not take that conv."""
+  if len(lhs_shape) != 4 or len(rhs_shape) != 4:
+    return None
+  if jax.lax.conv_dimension_numbers(lhs_shape, rhs_shape, options.get("dimension_numbers")) \
+      != _canonical(lhs_shape, rhs_shape):
+    return None
+  if any(d != 1 for d in options.get("lhs_dilation") or (1, 1)):
+    return None
+  if options.get("batch_group_count", 1) != 1:
+    return None
+  if options.get("preferred_element_type") not in (None, jnp.float32, np.float32):
+    return None
+  strides = tuple(options.get("window_strides") or (1, 1))
+  dilation = tuple(options.get("rhs_dilation") or (1, 1))
+  padding = options.get("padding", "VALID")
+  if isinstance(padding, str):
+    dilated = [(k - 1) * d + 1 for k, d in zip(rhs_shape[:2], dilation)]
+    padding = jax.lax.padtype_to_pads(lhs_shape[1:3], dilated, strides, padding)
+  (lo_h, hi_h), (lo_w, hi_w) = padding
+  if min(lo_h, hi_h, lo_w, hi_w) < 0:
+    return None
+  groups = options.get("feature_group_count", 1)
+  return (*strides, lo_h, lo_w, hi_h, hi_w, *dilation, groups)
+
+
+def supports(lhs: jax.Array, rhs: jax.Array, options: Mapping[str, Any]) -> bool:
+  return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+          and window(lhs.shape, rhs.shape, options) is not None)
+
+
+def _out_shape(lhs, rhs, win) -> jax.ShapeDtypeStruct:
+  sh, sw, lo_h, lo_w, hi_h, hi_w, dh, dw, groups = win
+  return jax.eval_shape(
+      lambda x, k: jax.lax.conv_general_dilated(
+          x, k, (sh, sw), ((lo_h, hi_h), (lo_w, hi_w)), rhs_dilation=(dh, dw),
+          dimension_numbers=_LAYOUT, feature_group_count=groups), lhs, rhs)
+
+
+def _call(target: str, out: jax.ShapeDtypeStruct, a, b, win):
+  # "sequential": a vmapped conv (none in this project) stays correct, one call per element.
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+      a, b, window=np.asarray(win, np.int64))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv(lhs: jax.Array, rhs: jax.Array, win: tuple[int, ...]) -> jax.Array:
+  """``lhs`` [N, H, W, C] conv ``rhs`` [KH, KW, C / groups, O] with window ``win``
+  (``window()``), in float32 through oneDNN."""
+  return _forward(lhs, rhs, win)[0]
+
+
+def _forward(lhs, rhs, win):
+  library.require()
+  return _call(library.FORWARD, _out_shape(lhs, rhs, win), lhs, rhs, win), (lhs, rhs)
+
+
+def _backward(win, residuals, g):
+  lhs, rhs = residuals
+  d_lhs = _call(library.INPUT_GRAD, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), g, rhs, win)
+  d_rhs = _call(library.WEIGHT_GRAD, jax.ShapeDtypeStruct(rhs.shape, rhs.dtype), lhs, g, win)
+  return d_lhs, d_rhs
+
+
+conv.defvjp(_forward, _backward)
