@@ -1,12 +1,9 @@
 """The convolution every quantized conv layer runs: oneDNN's kernels or XLA's, its weight
 gradient split over the batch where XLA's is slow.
 
-Kernel: ``config.train.conv_kernel`` chooses "onednn" (``fractrain_jax/onednn``:
-oneDNN's convs through JAX's FFI, 1.5-3x faster per conv than XLA:CPU's on this
-AVX-512 CPU, docs/RESULTS.md "Fifth step"), "xla" (XLA's conv, the numerics of
-earlier versions) or "auto" (oneDNN on a one-device CPU mesh where it builds, XLA's
-elsewhere). Like the split, it is read when a step is traced (``kernel``), and convs
-the oneDNN kernels do not take (not float32, input dilation, batch groups) stay XLA's.
+Kernel: inside a step on the "onednn" kernels (``kernels.py``, ``config.train.kernels``)
+a conv that oneDNN's kernels take (``onednn.ops.supports``) runs there, 1.5-3x faster
+per conv than XLA:CPU's own on this AVX-512 CPU (docs/RESULTS.md, "Fifth step").
 
 Weight-gradient split (the convs that stay XLA's): XLA:CPU computes a conv's weight gradient as one convolution whose
 window is the whole output image and whose contraction runs over the whole
@@ -35,10 +32,8 @@ from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
-from absl import logging
 
-from fractrain_jax.errors import ConfigError
-from fractrain_jax.onednn import library as onednn_library
+from fractrain_jax import kernels
 from fractrain_jax.onednn import ops as onednn_ops
 
 AUTO = -1
@@ -49,55 +44,6 @@ CPU_SPLIT = 8
 # 64 XLA's one weight-gradient conv measured 0.4-0.9x the split's time on this CPU,
 # with 3 or 16 the split 0.6-0.9x XLA's (docs/RESULTS.md, "Fourth step").
 CPU_SPLIT_MAX_FEATURES = 16
-
-
-AUTO_KERNEL, XLA, ONEDNN = "auto", "xla", "onednn"
-KERNELS = (AUTO_KERNEL, XLA, ONEDNN)
-
-_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("fractrain_conv_kernel",
-                                                              default=XLA)
-
-
-def _one_cpu(mesh: jax.sharding.Mesh) -> bool:
-  return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-
-
-def resolve_kernel(kernel: str, mesh: jax.sharding.Mesh) -> str:
-  """The kernel ("xla" or "onednn") a step on ``mesh`` uses for setting ``kernel``; an
-  explicit "onednn" that cannot run here is a ConfigError saying why."""
-  if kernel not in KERNELS:
-    raise ConfigError(f"config.train.conv_kernel={kernel!r}; expected one of {KERNELS}")
-  if kernel == XLA:
-    return XLA
-  if not _one_cpu(mesh):
-    if kernel == ONEDNN:
-      raise ConfigError(
-          f"config.train.conv_kernel='onednn' runs on a one-device CPU mesh; this mesh has "
-          f"{mesh.devices.size} {mesh.devices.flat[0].platform} device(s): expected 'auto' or "
-          "'xla'")
-    return XLA
-  found = onednn_library.status()
-  if found.ok:
-    return ONEDNN
-  if kernel == ONEDNN:
-    raise ConfigError(f"config.train.conv_kernel='onednn': {found.reason}; expected 'auto' "
-                      "or 'xla' where oneDNN cannot be built")
-  logging.warning("Convs run XLA's kernel, not oneDNN's (train.conv_kernel='auto'): %s",
-                  found.reason)
-  return XLA
-
-
-@contextlib.contextmanager
-def kernel(name: str) -> Iterator[None]:
-  """Convs traced inside run ``name``'s kernel ("xla" or "onednn", as ``resolve_kernel``
-  gives it)."""
-  if name not in (XLA, ONEDNN):
-    raise ValueError(f"conv kernel {name!r}; expected 'xla' or 'onednn'")
-  token = _KERNEL.set(name)
-  try:
-    yield
-  finally:
-    _KERNEL.reset(token)
 
 
 class Split(NamedTuple):
@@ -160,7 +106,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax
   """``jax.lax.conv_general_dilated`` (same arguments) on the kernel a step asks for, its
   weight gradient split if asked."""
   options = dict(zip(_OPTIONS, args)) | kwargs
-  if _KERNEL.get() == ONEDNN and onednn_ops.supports(lhs, rhs, options):
+  if kernels.current() == kernels.ONEDNN and onednn_ops.supports(lhs, rhs, options):
     return onednn_ops.conv(lhs, rhs, onednn_ops.window(lhs.shape, rhs.shape, options))
   samples, max_features = _SPLIT.get()
   spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.get("dimension_numbers"))

@@ -120,11 +120,11 @@ def get_config() -> ml_collections.ConfigDict:
   # earlier versions' numerics bit for bit) or n samples per chunk for every conv.
   # Same gradient, another summation order (fractrain_jax/conv.py).
   config.train.conv_weight_grad_split = -1
-  # Convs' kernel in the train and eval steps: "auto" (oneDNN's through JAX's FFI on a
-  # one-device CPU mesh where it builds, 1.5-3x faster there; XLA's elsewhere), "xla"
-  # (XLA's conv: earlier versions' numerics) or "onednn" (an error where it cannot run).
-  # Same conv, another summation order (fractrain_jax/conv.py, fractrain_jax/onednn).
-  config.train.conv_kernel = "auto"
+  # Kernels of the convs and BatchNorms in the train and eval steps: "auto" (oneDNN's
+  # through JAX's FFI on a one-device CPU mesh where they build, faster there; XLA's
+  # elsewhere), "xla" (XLA's: earlier versions' numerics) or "onednn" (an error where
+  # they cannot run). Same ops, another summation order (fractrain_jax/kernels.py).
+  config.train.kernels = "auto"
   # Refresh the progress bar (and log the training loss) every N iterations.
   config.train.log_every = 50
 

@@ -37,7 +37,7 @@ from flax import nnx
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fractrain_jax import conv, cost, data, dfq, methods, optim, processes
+from fractrain_jax import conv, cost, data, dfq, kernels, methods, optim, processes
 from fractrain_jax.methods import Precision
 
 @struct.dataclass
@@ -82,9 +82,10 @@ class Trainer:
     self.mesh = mesh or data_mesh(config.train.num_devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    # The convs' kernel (oneDNN's or XLA's) in the train and eval steps, and which of XLA's
-    # split their weight gradients over the batch in the train step (conv.py).
-    self.conv_kernel = conv.resolve_kernel(config.train.conv_kernel, self.mesh)
+    # The convs' and BatchNorms' kernels (oneDNN's or XLA's) in the train and eval steps
+    # (kernels.py), and which of XLA's convs split their weight gradients over the batch
+    # in the train step (conv.py).
+    self.kernels = kernels.resolve(config.train.kernels, self.mesh)
     self.weight_grad_split = conv.resolve_split(config.train.conv_weight_grad_split, self.mesh)
     model.train()
     self.train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, ...)
@@ -212,7 +213,7 @@ class Trainer:
     x = jax.lax.with_sharding_constraint(inputs, self.batch_sharding)
     y = jax.lax.with_sharding_constraint(targets, self.batch_sharding)
     grad_fn = jax.grad(self._loss, has_aux=True)
-    with conv.kernel(self.conv_kernel), conv.weight_grad_split(self.weight_grad_split):
+    with kernels.use(self.kernels), conv.weight_grad_split(self.weight_grad_split):
       grads, (metrics, batch_stats) = grad_fn(state.params, state.batch_stats, x, y, model_key,
                                               precision, target_cp, tau, self.train_graphdef)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -248,7 +249,7 @@ class Trainer:
     normalize = self.data_on_device and self.task != "lm"
     x = data.normalize(inputs, self.mean, self.std) if normalize else inputs
     x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
-    with conv.kernel(self.conv_kernel):
+    with kernels.use(self.kernels):
       if self.gated:
         logits, _ = model(x, full_precision=precision.full)
       else:

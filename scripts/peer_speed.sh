@@ -56,8 +56,8 @@ for round in $(seq "$ROUNDS"); do
     "$VENV/bin/python" scripts/peer_speed_torch.py authors --authors-dir "$AUTHORS_DIR" \
       "${TORCH_ARGS[@]}" >> "$OUT"
   fi
-  # *_xla: the same steps on XLA's convs (the default before train.conv_kernel's
-  # oneDNN kernels), a row of their own.
+  # *_xla: the same steps on XLA's convs and BatchNorms (the default before
+  # train.kernels' oneDNN kernels), a row of their own.
   "$PY" -m fractrain_jax.benchmark step --model "$MODEL" \
     --methods fp32 static pfq dfq frac fp32_xla static_xla pfq_xla dfq_xla frac_xla \
     --batch-size "$BATCH" --repeats "$REPEATS" --json >> "$OUT"

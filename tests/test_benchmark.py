@@ -129,7 +129,7 @@ def test_peer_table_gives_medians_of_rounds_and_the_ratios(tmp_path):
   assert "| the authors' FracTrain code (PyTorch 2.13.0) | 500.0 ms |  | 750.0 ms (1.50x) |" in text
   assert any(l.startswith("| fractrain-jax (resnet38) | 600.0 ms |  | 630.0 ms (1.05x) |")
              for l in lines)
-  assert "| fractrain-jax (resnet38), XLA's convs | 900.0 ms |" in text
+  assert "| fractrain-jax (resnet38), XLA's kernels | 900.0 ms |" in text
   assert "plain PyTorch channels-last FP32: 1.50x" in text  # 600 / 400, not 900 / 400
   assert "the authors' PFQ: 0.84x" in text  # 630 / 750
 
@@ -188,3 +188,30 @@ def test_an_asynchronous_instruction_runs_until_its_end_event():
   times = profile.instruction_times(events, names)
   assert times == pytest.approx({"convolution.1": 3 + 2.5 + 33 + 2 + 30.5, "fusion.3": 2.5 + 4})
   assert sum(times.values()) == pytest.approx(41 + 2 + 30.5 + 4)
+
+
+def test_profile_classes_the_onednn_calls_by_pass():
+  """Each oneDNN kernel's FFI call is its op class, a tuple-shaped one (BN's forward
+  returns y, mean and variance) included."""
+  from fractrain_jax.benchmark import profile
+  from fractrain_jax.onednn import library
+
+  assert set(profile.KERNEL_CLASSES) == set(library.TARGETS)
+  text = """HloModule m
+
+ENTRY %main.1 (a: f32[2,4,4,3], b: f32[3,3,3,8], c: f32[8]) -> f32[3,3,3,8] {
+  %a = f32[2,4,4,3]{3,2,1,0} parameter(0)
+  %b = f32[3,3,3,8]{3,2,1,0} parameter(1)
+  %c = f32[8]{0} parameter(2)
+  %ffi_call.1 = f32[2,4,4,8]{3,2,1,0} custom-call(%a, %b), custom_call_target="FractrainOneDnnConvForward"
+  %ffi_call.2 = (f32[2,4,4,8]{3,2,1,0}, f32[8]{0}, f32[8]{0}) custom-call(%ffi_call.1, %c, %c), custom_call_target="FractrainOneDnnBatchNormForward"
+  %ffi_call.3 = f32[2,4,4,3]{3,2,1,0} custom-call(%ffi_call.1, %b), custom_call_target="FractrainOneDnnConvInputGrad"
+  %other = f32[2,4,4,8]{3,2,1,0} custom-call(%ffi_call.1), custom_call_target="SomethingElse"
+  ROOT %ffi_call.4 = f32[3,3,3,8]{3,2,1,0} custom-call(%a, %ffi_call.1), custom_call_target="FractrainOneDnnConvWeightGrad"
+}
+"""
+  index = profile.HloIndex(text)
+  assert {n: index.classify(n) for n in ("ffi_call.1", "ffi_call.2", "ffi_call.3", "ffi_call.4",
+                                         "other")} == {
+      "ffi_call.1": "conv forward", "ffi_call.2": "BN", "ffi_call.3": "conv input-grad",
+      "ffi_call.4": "conv weight-grad", "other": profile.OTHER}

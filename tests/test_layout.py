@@ -28,7 +28,7 @@ ALGORITHM = ("fractrain_jax.*", "fractrain_jax.models", "fractrain_jax.data",
 ALLOWED = {
     "": ALGORITHM,
     "models": ("fractrain_jax.quant", "fractrain_jax.layers", "fractrain_jax.cost",
-               "fractrain_jax.errors"),
+               "fractrain_jax.errors", "fractrain_jax.norm"),
     "data": ("fractrain_jax.errors", "fractrain_jax.processes"),
     "attach": ("fractrain_jax.quant", "fractrain_jax.conv", "fractrain_jax.layers",
                "fractrain_jax.cost", "fractrain_jax.errors", "fractrain_jax.models"),

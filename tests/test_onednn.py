@@ -1,10 +1,12 @@
-"""oneDNN's conv kernels (fractrain_jax/onednn) and how conv.py routes convs to them.
+"""oneDNN's conv and BatchNorm kernels (fractrain_jax/onednn), and how conv.py and norm.py
+route ops to them.
 
 The forward conv is checked against a float64 NumPy sum over the kernel window, both
 gradients against XLA's own conv (another implementation, float32), over strides,
-asymmetric padding, dilation and groups; the routing by the jaxpr's calls; the
-Trainer's choice of kernel against its mesh and oneDNN's availability; and one whole
-train step against the same step on XLA's convs.
+asymmetric padding, dilation and groups; BatchNorm against Flax's (its output, the
+running averages and the gradients); the routing by the jaxpr's calls; the Trainer's
+choice of kernels against its mesh and oneDNN's availability; and one whole train step
+against the same step on XLA's kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fractrain_jax import conv, defaults, steps
+from fractrain_jax import conv, defaults, kernels, norm, steps
 from fractrain_jax.errors import ConfigError
 from fractrain_jax.onednn import library, ops
 from fractrain_jax.run import config_check
@@ -118,18 +120,18 @@ def test_conv_routes_the_convs_the_kernels_take(extra, taken):
   if "dimension_numbers" in extra:
     x, k = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(k, (3, 2, 0, 1))
   args = _args((1, 1), ((1, 1), (1, 1)), (1, 1), 1) | extra
-  with conv.kernel(conv.ONEDNN):
+  with kernels.use(kernels.ONEDNN):
     jaxpr = _calls(lambda x, k: conv.conv_general_dilated(x, k, **args), x, k)
   assert (library.FORWARD in jaxpr) == taken
   assert ("conv_general_dilated" in jaxpr) != taken
-  with conv.kernel(conv.XLA):  # And never outside the oneDNN setting.
+  with kernels.use(kernels.XLA):  # And never outside the oneDNN setting.
     assert library.FORWARD not in _calls(lambda x, k: conv.conv_general_dilated(x, k, **args), x, k)
 
 
 def test_bfloat16_convs_stay_xla():
   x, k = _inputs((2, 6, 6, 4), (3, 3, 4, 4))
   x, k = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-  with conv.kernel(conv.ONEDNN):
+  with kernels.use(kernels.ONEDNN):
     jaxpr = _calls(lambda x, k: conv.conv_general_dilated(
         x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN), x, k)
   assert library.FORWARD not in jaxpr and "conv_general_dilated" in jaxpr
@@ -141,29 +143,29 @@ def _mesh(n):
 
 def test_the_kernel_setting_resolves_by_mesh_and_availability(monkeypatch, caplog):
   one, two = _mesh(1), _mesh(2)
-  assert conv.resolve_kernel("xla", one) == conv.XLA
-  assert conv.resolve_kernel("auto", two) == conv.XLA  # Sharded: XLA's, whose convs partition.
-  with pytest.raises(ConfigError, match=r"conv_kernel='onednn' runs on a one-device CPU mesh; "
+  assert kernels.resolve("xla", one) == kernels.XLA
+  assert kernels.resolve("auto", two) == kernels.XLA  # Sharded: XLA's, whose convs partition.
+  with pytest.raises(ConfigError, match=r"kernels='onednn' runs on a one-device CPU mesh; "
                                         r"this mesh has 2 cpu device"):
-    conv.resolve_kernel("onednn", two)
-  with pytest.raises(ConfigError, match=r"config.train.conv_kernel='fast'; expected one of "
+    kernels.resolve("onednn", two)
+  with pytest.raises(ConfigError, match=r"config.train.kernels='fast'; expected one of "
                                         r"\('auto', 'xla', 'onednn'\)"):
-    conv.resolve_kernel("fast", one)
-  monkeypatch.setattr(library, "status", lambda: library.Status(True, "here"))
-  assert conv.resolve_kernel("auto", one) == conv.ONEDNN
-  assert conv.resolve_kernel("onednn", one) == conv.ONEDNN
-  monkeypatch.setattr(library, "status", lambda: library.Status(False, "no compiler found"))
-  assert conv.resolve_kernel("auto", one) == conv.XLA
+    kernels.resolve("fast", one)
+  monkeypatch.setattr(kernels.library, "status", lambda: library.Status(True, "here"))
+  assert kernels.resolve("auto", one) == kernels.ONEDNN
+  assert kernels.resolve("onednn", one) == kernels.ONEDNN
+  monkeypatch.setattr(kernels.library, "status", lambda: library.Status(False, "no compiler found"))
+  assert kernels.resolve("auto", one) == kernels.XLA
   assert "no compiler found" in caplog.text
-  with pytest.raises(ConfigError, match=r"conv_kernel='onednn': no compiler found; expected "
+  with pytest.raises(ConfigError, match=r"kernels='onednn': no compiler found; expected "
                                         r"'auto' or 'xla'"):
-    conv.resolve_kernel("onednn", one)
+    kernels.resolve("onednn", one)
 
 
 def test_config_check_refuses_an_unknown_kernel():
   config = defaults.get_config()
-  config.train.conv_kernel = "mkl"
-  with pytest.raises(ConfigError, match=r"config.train.conv_kernel='mkl'; expected one of"):
+  config.train.kernels = "mkl"
+  with pytest.raises(ConfigError, match=r"config.train.kernels='mkl'; expected one of"):
     config_check.validate(config)
 
 
@@ -182,6 +184,57 @@ def _not_installed(name):
   raise library.importlib.metadata.PackageNotFoundError(name)
 
 
+@needs_onednn
+@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (16, 8, 8, 16)])
+def test_batch_norm_on_onednn_is_flax_batch_norm(shape):
+  """Output, running averages and the gradients of x, scale and bias, against Flax's own
+  call of the same module (two-pass variance, PyTorch's momentum and epsilon)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.5
+  g = jax.random.normal(jax.random.key(1), shape)
+
+  def run(kernel):
+    bn = norm.BatchNorm(shape[-1], momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                        rngs=nnx.Rngs(0))
+    bn.scale[...] = jnp.linspace(0.5, 2.0, shape[-1])
+    bn.bias[...] = jnp.linspace(-1.0, 1.0, shape[-1])
+    graphdef, params, stats = nnx.split(bn, nnx.Param, ...)
+
+    def loss(params, x):
+      model = nnx.merge(graphdef, params, stats, copy=True)
+      with kernels.use(kernel):
+        y = model(x, use_running_average=False)
+      return jnp.vdot(y, g), (y, nnx.state(model, nnx.Not(nnx.Param)))
+
+    fn = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
+    return fn(params, x), str(jax.make_jaxpr(fn)(params, x))
+
+  ((d_params, d_x), (y, stats)), text = run(kernels.ONEDNN)
+  ((want_params, want_x), (want_y, want_stats)), xla_text = run(kernels.XLA)
+  assert library.BN_FORWARD in text and library.BN_FORWARD not in xla_text
+  chex.assert_trees_all_close(y, want_y, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(stats, want_stats, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(d_params, want_params, rtol=1e-4, atol=1e-4)
+  chex.assert_trees_all_close(d_x, want_x, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_batch_norm_outside_training_or_on_other_axes_is_flax_own():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  def calls(x, running):
+    graphdef, state = nnx.split(norm.BatchNorm(x.shape[-1], rngs=nnx.Rngs(0)))
+    with kernels.use(kernels.ONEDNN):
+      return str(jax.make_jaxpr(lambda x: nnx.merge(graphdef, state, copy=True)(
+          x, use_running_average=running))(x))
+
+  assert library.BN_FORWARD in calls(jnp.ones((2, 3, 3, 4)), False)  # The contrast.
+  assert library.BN_FORWARD not in calls(jnp.ones((2, 3, 3, 4)), True)  # Evaluation.
+  assert library.BN_FORWARD not in calls(jnp.ones((2, 3, 3, 4), jnp.bfloat16), False)
+  assert library.BN_FORWARD not in calls(jnp.ones((2, 4)), False)  # [N, C]: Flax's.
+
+
 def _one_step(method, kernel):
   """A one-device Trainer's first step of ``method`` on resnet8 with ``kernel``'s convs:
   the state after it, its metrics, and the jaxprs of the train and the eval step."""
@@ -190,7 +243,7 @@ def _one_step(method, kernel):
 
   config = speed.step_config(method, "resnet8", 8)
   config.train.num_devices = 1
-  config.train.conv_kernel = kernel
+  config.train.kernels = kernel
   trained = methods.get(method)
   model = trained.create_model(config, 10, 0)
   trainer = steps.Trainer(config, model, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
@@ -205,14 +258,14 @@ def _one_step(method, kernel):
   jaxpr += str(jax.make_jaxpr(trainer.eval_step(trained.step_precision(config, 0)))(
       args[0], images[:8], labels[:8], jnp.ones((8,), bool)))
   state, metrics = fn(*args)
-  return trainer.conv_kernel, state, metrics, jaxpr
+  return trainer.kernels, state, metrics, jaxpr
 
 
 @needs_onednn
 def test_a_train_step_on_onednn_matches_the_step_on_xla():
   kernel, state, metrics, jaxpr = _one_step("fp32", "onednn")
   # resnet8's 9 convs, in the train step and in the eval step.
-  assert kernel == conv.ONEDNN and jaxpr.count(library.FORWARD) == 18
+  assert kernel == kernels.ONEDNN and jaxpr.count(library.FORWARD) == 18
   assert "conv_general_dilated" not in jaxpr
   _, xla_state, xla_metrics, xla_jaxpr = _one_step("fp32", "xla")
   assert library.FORWARD not in xla_jaxpr

@@ -2,8 +2,8 @@
 
 FILE holds JSON lines from ``scripts/peer_speed_torch.py`` (with a ``system``
 field) and from ``python -m fractrain_jax.benchmark step --json`` (without
-one), several rounds of each; the benchmark's ``*_xla`` variants (XLA's convs,
-the default before oneDNN's) get a row of their own. Every cell is the median of the rounds' medians,
+one), several rounds of each; the benchmark's ``*_xla`` variants (XLA's convs and
+BatchNorms, the default before oneDNN's) get a row of their own. Every cell is the median of the rounds' medians,
 in ms, with the ratio to that system's FP32 step; the last lines give the
 project's FP32 step over plain PyTorch's channels-last step, and its PFQ step
 over the authors' PFQ step.
@@ -17,9 +17,9 @@ import json
 import statistics
 import sys
 
-# The benchmark's variants that time a method with train.conv_kernel="xla".
+# The benchmark's variants that time a method with train.kernels="xla".
 BEFORE = "_xla"
-BEFORE_ROW = "XLA's convs"
+BEFORE_ROW = "XLA's kernels"
 COLUMNS = (("fp32", "FP32"), ("static", "static 8/8"), ("pfq", "PFQ"), ("dfq", "DFQ"),
            ("frac", "FracTrain"))
 BASE = COLUMNS[0][0]  # Each row's ratios are to its FP32 step.
@@ -41,7 +41,7 @@ def read(lines) -> dict[str, dict[str, list[float]]]:
     else:
       continue
     method = row["method"]
-    if method.endswith(BEFORE):  # The same step on XLA's convs: its own row.
+    if method.endswith(BEFORE):  # The same step on XLA's kernels: its own row.
       system, method = f"{system}, {BEFORE_ROW}", method[:-len(BEFORE)]
     cells[system][method].append(row["step_ms"])
   return cells

@@ -5,8 +5,8 @@ HLO instruction's time; the compiled module's text gives what each one is:
 its ops, and the source lines it came from (the stack frames XLA keeps in
 the metadata). Classes, first match wins:
 
-  conv forward / conv input-grad / conv weight-grad: a call of one of the oneDNN
-    kernels (``fractrain_jax/onednn``, one per pass), or an instruction holding
+  conv forward / conv input-grad / conv weight-grad (and BN): a call of one of the
+    oneDNN kernels (``fractrain_jax/onednn``, one per pass), or an instruction holding
     a convolution (the weight gradient is the conv whose window is larger than
     its output image; the input gradient one traced under ``transpose``);
   transpose/copy: layout changes (most feed the convs);
@@ -41,7 +41,8 @@ FILE_CLASSES = (("fractrain_jax/quant.py", "quantizers"),
                 ("fractrain_jax/optim.py", "optimizer"),
                 ("fractrain_jax/data/augment.py", "data augmentation"),
                 ("fractrain_jax/cost.py", "cost and DFQ loss"),
-                ("fractrain_jax/dfq.py", "cost and DFQ loss"))
+                ("fractrain_jax/dfq.py", "cost and DFQ loss"),
+                ("fractrain_jax/norm.py", "BN"))
 # A source line's text -> class, for frames whose file says nothing more.
 LINE_CLASSES = ((re.compile(r"tx\.update|apply_updates|global_norm"), "optimizer"),
                 (re.compile(r"\bbn\w*\(|\bnorm\w*\(|BatchNorm"), "BN"))
@@ -49,10 +50,13 @@ OTHER = "other element-wise"
 # The oneDNN kernels' FFI targets (fractrain_jax/onednn/library.py) -> class.
 KERNEL_CLASSES = {"FractrainOneDnnConvForward": "conv forward",
                   "FractrainOneDnnConvInputGrad": "conv input-grad",
-                  "FractrainOneDnnConvWeightGrad": "conv weight-grad"}
+                  "FractrainOneDnnConvWeightGrad": "conv weight-grad",
+                  "FractrainOneDnnBatchNormForward": "BN",
+                  "FractrainOneDnnBatchNormBackward": "BN"}
 _TARGET = re.compile(r'custom_call_target="(\w+)"')
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
+# The shape may be a tuple, "(f32[8]{0}, f32[2]{0})" (a multi-output fusion or FFI call).
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 
 

@@ -33,19 +33,19 @@ from typing import Any, Callable
 from fractrain_jax.run import platform
 
 # Benchmark variants beyond the registered methods: name -> (method, config overrides).
-# *_xla: XLA's convs, where auto runs oneDNN's (train.conv_kernel="xla"). On XLA's convs
+# *_xla: XLA's convs and BatchNorms, where auto runs oneDNN's (train.kernels="xla"). On XLA's
 # too: *_xla_wgrad, every conv's weight gradient as XLA's one conv over the whole batch
 # (train.conv_weight_grad_split=0); *_split_all, every conv's in chunks of 8 samples
 # (=8), where auto splits only the convs with few input features (fractrain_jax/conv.py).
 VARIANTS = {"dfq_per_candidate": ("dfq", {"dfq.forward": "per_candidate"}),
             "frac_per_candidate": ("frac", {"dfq.forward": "per_candidate"}),
             **{f"{m}_xla_wgrad": (m, {"train.conv_weight_grad_split": 0,
-                                      "train.conv_kernel": "xla"})
+                                      "train.kernels": "xla"})
                for m in ("fp32", "pfq", "dfq")},
             **{f"{m}_split_all": (m, {"train.conv_weight_grad_split": 8,
-                                      "train.conv_kernel": "xla"})
+                                      "train.kernels": "xla"})
                for m in ("fp32", "pfq", "dfq")},
-            **{f"{m}_xla": (m, {"train.conv_kernel": "xla"})
+            **{f"{m}_xla": (m, {"train.kernels": "xla"})
                for m in ("fp32", "static", "pfq", "dfq", "frac")}}
 # Timed unless --methods names them (frac_per_candidate runs K forwards a step; the
 # others measure a choice the defaults already made).

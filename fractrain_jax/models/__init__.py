@@ -18,7 +18,7 @@ Both take ``act_momentum``.
 Every model has ``task`` (``"classify"``, or ``"lm"`` for the LM), ``num_blocks`` and
 ``layer_macs()``; the CNNs also ``image_size``.
 
-What it may import: ``quant``, ``layers``, ``cost`` and ``errors``; never
+What it may import: ``quant``, ``layers``, ``norm``, ``cost`` and ``errors``; never
 ``attach/``, ``data/``, the methods and steps that use a model, ``run/`` or
 ``report/`` (``tests/test_layout.py`` checks it).
 """

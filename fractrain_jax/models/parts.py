@@ -28,6 +28,7 @@ from flax import nnx
 
 from fractrain_jax.layers import (CLASSIFIER, OUTER, Dense, LayerBits, QConv, StaticBits,
                                   dense_init)
+from fractrain_jax.norm import BatchNorm
 
 # SPEC section 1: MobileNetV2's depthwise convs whatever the schedule says.
 DEPTHWISE_BITS = StaticBits(a=8, g=16, w=8)
@@ -65,8 +66,8 @@ class ConvBN(nnx.Module):
     self.conv = QConv(in_features, out_features, kernel_size, strides=strides,
                       feature_group_count=feature_group_count, role=role, rngs=rngs)
     # Two-pass variance, as PyTorch computes it; the one-pass form loses digits in deep nets.
-    self.bn = nnx.BatchNorm(out_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                            use_fast_variance=False, rngs=rngs)
+    self.bn = BatchNorm(out_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        use_fast_variance=False, rngs=rngs)
     self.out_features = out_features
 
   def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:

@@ -1,10 +1,11 @@
-"""oneDNN's convolution kernels for XLA:CPU, called through JAX's FFI.
+"""oneDNN's convolution and BatchNorm kernels for XLA:CPU, called through JAX's FFI.
 
-- ``conv.cc``: the kernels (forward conv, input gradient, weight gradient).
+- ``conv.cc``: the conv's kernels (forward, input gradient, weight gradient).
+- ``batch_norm.cc``: training BatchNorm's (forward with the batch's statistics, backward).
 - ``library.py``: finding oneDNN, building the kernels once and registering them.
-- ``ops.py``: the conv as a JAX function with its VJP.
+- ``ops.py``: the conv and BatchNorm as JAX functions with their VJPs.
 
-``fractrain_jax/conv.py`` decides which convs of a step run here
-(``train.conv_kernel``). What it may import: nothing of the package (JAX, NumPy and
+``fractrain_jax/kernels.py`` says when a step runs them (``train.kernels``);
+``conv.py`` and ``norm.py`` route their ops here. What it may import: nothing of the package (JAX, NumPy and
 the standard library only), so the algorithm's layers can all build on it.
 """

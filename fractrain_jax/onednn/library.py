@@ -1,4 +1,5 @@
-"""Finds oneDNN, compiles ``conv.cc`` against it and JAX's FFI headers, registers the handlers.
+"""Finds oneDNN, compiles ``conv.cc`` and ``batch_norm.cc`` against it and JAX's FFI
+headers, and registers their handlers.
 
 The shared library is built once per source, JAX and oneDNN version and compiler, into
 ``kernels/`` of the project's cache folder (``$FRACTRAIN_CACHE_DIR`` or
@@ -28,16 +29,19 @@ from typing import NamedTuple
 
 import jax
 
-SOURCE = pathlib.Path(__file__).with_name("conv.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(n) for n in ("conv.cc", "batch_norm.cc"))
 ROOT_ENV = "FRACTRAIN_ONEDNN_ROOT"
 WHEEL = "onednn-devel-cpu-gomp"
 # The project's cache folder (run/platform.py's cache_root; this layer may not import it).
 CACHE_ENV = "FRACTRAIN_CACHE_DIR"
-# FFI target names, one per pass, as the handlers in conv.cc are named.
+# FFI target names, as the handlers in the sources are named: a conv's three passes,
+# BatchNorm's two.
 FORWARD = "FractrainOneDnnConvForward"
 INPUT_GRAD = "FractrainOneDnnConvInputGrad"
 WEIGHT_GRAD = "FractrainOneDnnConvWeightGrad"
-TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD)
+BN_FORWARD = "FractrainOneDnnBatchNormForward"
+BN_BACKWARD = "FractrainOneDnnBatchNormBackward"
+TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD, BN_FORWARD, BN_BACKWARD)
 
 
 class Status(NamedTuple):
@@ -46,7 +50,7 @@ class Status(NamedTuple):
 
 
 class OneDnnUnavailable(RuntimeError):
-  """The oneDNN conv kernels were asked for but cannot be built or loaded here."""
+  """The oneDNN kernels were asked for but cannot be built or loaded here."""
 
 
 def _root() -> pathlib.Path:
@@ -81,14 +85,15 @@ def _build(root: pathlib.Path) -> pathlib.Path:
     raise OneDnnUnavailable(f"no libdnnl.so.3 under {lib} (oneDNN 3.x)")
   cxx = _compiler()
   command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG", "-w",
-             f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), f"-L{lib}",
+             f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES), f"-L{lib}",
              "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"]
   version = (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
-  key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version, " ".join(command).encode(),
+  key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), version,
+                                   " ".join(command).encode(),
                                    jax.__version__.encode(), sys.version.encode()])).hexdigest()
   folder = pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/fractrain_jax").expanduser()
   folder = folder / "kernels"
-  target = folder / f"onednn_conv-{key[:16]}.so"
+  target = folder / f"onednn_kernels-{key[:16]}.so"
   if target.is_file():
     return target
   try:
@@ -96,12 +101,12 @@ def _build(root: pathlib.Path) -> pathlib.Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
   except OSError as e:
-    raise OneDnnUnavailable(f"cannot write the oneDNN conv kernels' build to {folder}: {e}; "
+    raise OneDnnUnavailable(f"cannot write the oneDNN kernels' build to {folder}: {e}; "
                             f"set {CACHE_ENV} to a writable folder") from None
   try:
     done = subprocess.run(command + ["-o", partial], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-      raise OneDnnUnavailable(f"building the oneDNN conv kernels failed ({' '.join(command)}):\n"
+      raise OneDnnUnavailable(f"building the oneDNN kernels failed ({' '.join(command)}):\n"
                               f"{done.stderr[-2000:]}")
     # Processes building at once each write their own file; the rename is atomic.
     os.replace(partial, target)
@@ -125,14 +130,14 @@ def status() -> Status:
   """Whether the kernels run here (x86-64 Linux with oneDNN and a C++ compiler), building
   and registering them the first time."""
   if sys.platform != "linux" or os.uname().machine != "x86_64":
-    return Status(False, f"the oneDNN conv kernels are built for x86-64 Linux only, not "
+    return Status(False, f"the oneDNN kernels are built for x86-64 Linux only, not "
                          f"{sys.platform}/{os.uname().machine}")
   try:
     return Status(True, str(_load()))
   except OneDnnUnavailable as e:
     return Status(False, str(e))
   except OSError as e:  # The built library would not load (a missing libgomp, say).
-    return Status(False, f"loading the oneDNN conv kernels failed: {e}")
+    return Status(False, f"loading the oneDNN kernels failed: {e}")
 
 
 def require() -> None:

@@ -1,4 +1,5 @@
-"""The oneDNN conv as a JAX function: ``conv.cc``'s three passes under one ``custom_vjp``.
+"""oneDNN's ops as JAX functions, each under a ``custom_vjp``: the conv (``conv.cc``'s three
+passes) and training BatchNorm (``batch_norm.cc``'s two).
 
 ``supports`` says which ``jax.lax.conv_general_dilated`` calls it takes (2-D, float32,
 NHWC/HWIO/NHWC, no input dilation, no batch groups, no negative padding); the rest stay
@@ -91,3 +92,35 @@ def _backward(win, residuals, g):
 
 
 conv.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float):
+  """(y, mean, var): float32 ``x`` [N, H, W, C] normalized over N, H and W by the batch's
+  mean and biased variance (``epsilon`` added), times ``scale`` plus ``shift``.
+
+  Only y is differentiated: mean and var feed the running averages, under
+  ``stop_gradient`` (``norm.BatchNorm``), so their cotangents are zero.
+  """
+  return _bn_forward(x, scale, shift, epsilon)[0]
+
+
+def _bn_forward(x, scale, shift, epsilon):
+  library.require()
+  channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  y, mean, var = jax.ffi.ffi_call(
+      library.BN_FORWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
+      vmap_method="sequential")(x, scale, shift, epsilon=np.float32(epsilon))
+  return (y, mean, var), (x, scale, mean, var)
+
+
+def _bn_backward(epsilon, residuals, cotangents):
+  x, scale, mean, var = residuals
+  channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
+  return tuple(jax.ffi.ffi_call(
+      library.BN_BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
+      vmap_method="sequential")(cotangents[0], x, scale, mean, var,
+                                epsilon=np.float32(epsilon)))
+
+
+batch_norm.defvjp(_bn_forward, _bn_backward)

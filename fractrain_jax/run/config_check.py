@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 # Accepted values come from the modules that own them, so they cannot drift apart.
-from fractrain_jax import attach, conv, cost, data, defaults, methods, models, optim, quant
+from fractrain_jax import attach, cost, data, defaults, kernels, methods, models, optim, quant
 from fractrain_jax.errors import ConfigError, os_reason
 from fractrain_jax.data import text as text_data
 from fractrain_jax.models import gate, gated
@@ -216,7 +216,7 @@ def _check_train(config) -> int:
   _int_at_least(config, "train.finetune_iters", 0)
   _int_at_least(config, "train.num_devices", 0)
   _int_at_least(config, "train.conv_weight_grad_split", -1)
-  _choice(config, "train.conv_kernel", conv.KERNELS)
+  _choice(config, "train.kernels", kernels.CHOICES)
   return iters
 
 
