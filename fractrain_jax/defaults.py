@@ -114,11 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.finetune_iters = 0
   # Devices of the 1-D data mesh the batch is split over; 0 = all visible.
   config.train.num_devices = 0
-  # Convs' weight gradients in the train step: -1 (auto: summed over chunks of 8
-  # samples on a one-device CPU mesh for convs with at most 16 input features,
-  # faster there; XLA's form elsewhere), 0 (XLA's one conv over the whole batch:
-  # earlier versions' numerics bit for bit) or n samples per chunk for every conv.
-  # Same gradient, another summation order (fractrain_jax/conv.py).
+  # Weight gradients of the convs that run XLA's kernels (train.kernels below) in the
+  # train step: -1 (auto: summed over chunks of 8 samples on a one-device CPU mesh for
+  # convs with at most 16 input features, faster there; XLA's form elsewhere), 0 (XLA's
+  # one conv over the whole batch: earlier versions' numerics bit for bit) or n samples
+  # per chunk for every conv. Same gradient, another summation order (fractrain_jax/conv.py).
   config.train.conv_weight_grad_split = -1
   # Kernels of the convs and BatchNorms in the train and eval steps: "auto" (oneDNN's
   # through JAX's FFI on a one-device CPU mesh where they build, faster there; XLA's
