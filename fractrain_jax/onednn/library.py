@@ -73,7 +73,7 @@ def _compiler() -> str:
   for name in (os.environ.get("CXX"), "c++", "g++"):
     if name and shutil.which(name):
       return shutil.which(name)
-  raise OneDnnUnavailable("no C++ compiler found ($CXX, c++ or g++) to build the oneDNN conv "
+  raise OneDnnUnavailable("no C++ compiler found ($CXX, c++ or g++) to build the oneDNN "
                           "kernels")
 
 
