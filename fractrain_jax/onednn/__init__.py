@@ -2,6 +2,7 @@
 
 - ``conv.cc``: the conv's kernels (forward, input gradient, weight gradient).
 - ``batch_norm.cc``: training BatchNorm's (forward with the batch's statistics, backward).
+- ``common.h``: what both share (the engine, caller-given scratch space, errors as the FFI's).
 - ``library.py``: finding oneDNN, building the kernels once and registering them.
 - ``ops.py``: the conv and BatchNorm as JAX functions with their VJPs.
 

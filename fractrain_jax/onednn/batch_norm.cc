@@ -9,20 +9,19 @@
 #include <cstdint>
 #include <string>
 
+#include "common.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+using fractrain_onednn::Attr;
+using fractrain_onednn::Engine;
+using fractrain_onednn::Execute;
 using Tag = dnnl::memory::format_tag;
 using Type = dnnl::memory::data_type;
 
 namespace {
-
-dnnl::engine& Engine() {
-  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
-  return *engine;
-}
 
 dnnl::normalization_flags Flags() {
   return dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
@@ -38,12 +37,6 @@ ffi::Error Shape(ffi::Span<const int64_t> x, memory::desc& data, memory::desc& c
   return ffi::Error::Success();
 }
 
-dnnl::primitive_attr Attr() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
-
 dnnl::batch_normalization_forward::primitive_desc ForwardPd(const memory::desc& data,
                                                             float epsilon) {
   return dnnl::batch_normalization_forward::primitive_desc(
@@ -56,25 +49,17 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                    float epsilon) {
   memory::desc data, channel;
   if (ffi::Error error = Shape(x.dimensions(), data, channel); error.failure()) return error;
-  try {
+  return fractrain_onednn::Guarded("batch norm", [&](dnnl::stream& s) {
     dnnl::engine& engine = Engine();
-    dnnl::stream s(engine);
     auto pd = ForwardPd(data, epsilon);
-    memory scratch(pd.scratchpad_desc(), engine);
-    dnnl::batch_normalization_forward(pd).execute(
-        s, {{DNNL_ARG_SRC, memory(data, engine, x.untyped_data())},
-            {DNNL_ARG_SCALE, memory(channel, engine, scale.untyped_data())},
-            {DNNL_ARG_SHIFT, memory(channel, engine, shift.untyped_data())},
-            {DNNL_ARG_DST, memory(data, engine, y->untyped_data())},
-            {DNNL_ARG_MEAN, memory(channel, engine, mean->untyped_data())},
-            {DNNL_ARG_VARIANCE, memory(channel, engine, variance->untyped_data())},
-            {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("fractrain oneDNN batch norm: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(s, dnnl::batch_normalization_forward(pd), pd,
+            {{DNNL_ARG_SRC, memory(data, engine, x.untyped_data())},
+             {DNNL_ARG_SCALE, memory(channel, engine, scale.untyped_data())},
+             {DNNL_ARG_SHIFT, memory(channel, engine, shift.untyped_data())},
+             {DNNL_ARG_DST, memory(data, engine, y->untyped_data())},
+             {DNNL_ARG_MEAN, memory(channel, engine, mean->untyped_data())},
+             {DNNL_ARG_VARIANCE, memory(channel, engine, variance->untyped_data())}});
+  });
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x,
@@ -84,29 +69,21 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x,
                     float epsilon) {
   memory::desc data, channel;
   if (ffi::Error error = Shape(x.dimensions(), data, channel); error.failure()) return error;
-  try {
+  return fractrain_onednn::Guarded("batch norm", [&](dnnl::stream& s) {
     dnnl::engine& engine = Engine();
-    dnnl::stream s(engine);
     dnnl::batch_normalization_backward::primitive_desc pd(
         engine, dnnl::prop_kind::backward, data, data, data, epsilon, Flags(),
         ForwardPd(data, epsilon), Attr());
-    memory scratch(pd.scratchpad_desc(), engine);
-    dnnl::batch_normalization_backward(pd).execute(
-        s, {{DNNL_ARG_SRC, memory(data, engine, x.untyped_data())},
-            {DNNL_ARG_DIFF_DST, memory(data, engine, dy.untyped_data())},
-            {DNNL_ARG_SCALE, memory(channel, engine, scale.untyped_data())},
-            {DNNL_ARG_MEAN, memory(channel, engine, mean.untyped_data())},
-            {DNNL_ARG_VARIANCE, memory(channel, engine, variance.untyped_data())},
-            {DNNL_ARG_DIFF_SRC, memory(data, engine, dx->untyped_data())},
-            {DNNL_ARG_DIFF_SCALE, memory(channel, engine, dscale->untyped_data())},
-            {DNNL_ARG_DIFF_SHIFT, memory(channel, engine, dshift->untyped_data())},
-            {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("fractrain oneDNN batch norm: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Execute(s, dnnl::batch_normalization_backward(pd), pd,
+            {{DNNL_ARG_SRC, memory(data, engine, x.untyped_data())},
+             {DNNL_ARG_DIFF_DST, memory(data, engine, dy.untyped_data())},
+             {DNNL_ARG_SCALE, memory(channel, engine, scale.untyped_data())},
+             {DNNL_ARG_MEAN, memory(channel, engine, mean.untyped_data())},
+             {DNNL_ARG_VARIANCE, memory(channel, engine, variance.untyped_data())},
+             {DNNL_ARG_DIFF_SRC, memory(data, engine, dx->untyped_data())},
+             {DNNL_ARG_DIFF_SCALE, memory(channel, engine, dscale->untyped_data())},
+             {DNNL_ARG_DIFF_SHIFT, memory(channel, engine, dshift->untyped_data())}});
+  });
 }
 
 }  // namespace

@@ -12,20 +12,19 @@
 #include <cstdint>
 #include <string>
 
+#include "common.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
+using fractrain_onednn::Attr;
+using fractrain_onednn::Engine;
+using fractrain_onednn::Execute;
 using Tag = dnnl::memory::format_tag;
 using Type = dnnl::memory::data_type;
 
 namespace {
-
-dnnl::engine& Engine() {
-  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
-  return *engine;
-}
 
 // One conv's shapes in oneDNN's terms (logical dims are N, C, H, W; O, I, H, W).
 struct Geometry {
@@ -64,13 +63,6 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
   return ffi::Error::Success();
 }
 
-// Scratch space is passed explicitly: XLA may run two convs at once from two threads.
-dnnl::primitive_attr Attr() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
-
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src,
@@ -95,47 +87,38 @@ ffi::Error Run(Pass pass, ffi::Span<const int64_t> x, ffi::Span<const int64_t> w
                void* out) {
   Geometry g;
   if (ffi::Error error = MakeGeometry(x, w, y, window, g); error.failure()) return error;
-  try {
+  return fractrain_onednn::Guarded("conv", [&](dnnl::stream& s) {
     dnnl::engine& engine = Engine();
-    dnnl::stream s(engine);
     auto forward = ForwardPd(g);
     if (pass == Pass::kForward) {
-      memory scratch(forward.scratchpad_desc(), engine);
-      dnnl::convolution_forward(forward).execute(
-          s, {{DNNL_ARG_SRC, memory(g.src, engine, a)},
-              {DNNL_ARG_WEIGHTS, WeightsFor(forward.weights_desc(), g, b, s)},
-              {DNNL_ARG_DST, memory(g.dst, engine, out)},
-              {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (pass == Pass::kInputGrad) {
+      Execute(s, dnnl::convolution_forward(forward), forward,
+              {{DNNL_ARG_SRC, memory(g.src, engine, a)},
+               {DNNL_ARG_WEIGHTS, WeightsFor(forward.weights_desc(), g, b, s)},
+               {DNNL_ARG_DST, memory(g.dst, engine, out)}});
+      return;
+    }
+    if (pass == Pass::kInputGrad) {
       dnnl::convolution_backward_data::primitive_desc pd(
           engine, dnnl::algorithm::convolution_direct, g.src, g.any_weights, g.dst, g.strides,
           g.dilates, g.pad_l, g.pad_r, forward, Attr());
-      memory scratch(pd.scratchpad_desc(), engine);
-      dnnl::convolution_backward_data(pd).execute(
-          s, {{DNNL_ARG_DIFF_DST, memory(g.dst, engine, a)},
-              {DNNL_ARG_WEIGHTS, WeightsFor(pd.weights_desc(), g, b, s)},
-              {DNNL_ARG_DIFF_SRC, memory(g.src, engine, out)},
-              {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else {
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          engine, dnnl::algorithm::convolution_direct, g.src, g.any_weights, g.dst, g.strides,
-          g.dilates, g.pad_l, g.pad_r, forward, Attr());
-      memory scratch(pd.scratchpad_desc(), engine);
-      memory user(g.user_weights, engine, out);
-      const bool blocked = pd.diff_weights_desc() != g.user_weights;
-      memory dw = blocked ? memory(pd.diff_weights_desc(), engine) : user;
-      dnnl::convolution_backward_weights(pd).execute(
-          s, {{DNNL_ARG_SRC, memory(g.src, engine, a)},
-              {DNNL_ARG_DIFF_DST, memory(g.dst, engine, b)},
-              {DNNL_ARG_DIFF_WEIGHTS, dw},
-              {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (blocked) dnnl::reorder(dw, user).execute(s, dw, user);
+      Execute(s, dnnl::convolution_backward_data(pd), pd,
+              {{DNNL_ARG_DIFF_DST, memory(g.dst, engine, a)},
+               {DNNL_ARG_WEIGHTS, WeightsFor(pd.weights_desc(), g, b, s)},
+               {DNNL_ARG_DIFF_SRC, memory(g.src, engine, out)}});
+      return;
     }
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("fractrain oneDNN conv: ") + e.what());
-  }
-  return ffi::Error::Success();
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        engine, dnnl::algorithm::convolution_direct, g.src, g.any_weights, g.dst, g.strides,
+        g.dilates, g.pad_l, g.pad_r, forward, Attr());
+    memory user(g.user_weights, engine, out);
+    const bool blocked = pd.diff_weights_desc() != g.user_weights;
+    memory dw = blocked ? memory(pd.diff_weights_desc(), engine) : user;
+    Execute(s, dnnl::convolution_backward_weights(pd), pd,
+            {{DNNL_ARG_SRC, memory(g.src, engine, a)},
+             {DNNL_ARG_DIFF_DST, memory(g.dst, engine, b)},
+             {DNNL_ARG_DIFF_WEIGHTS, dw}});
+    if (blocked) dnnl::reorder(dw, user).execute(s, dw, user);
+  });
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,

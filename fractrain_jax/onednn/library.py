@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 
 SOURCES = tuple(pathlib.Path(__file__).with_name(n) for n in ("conv.cc", "batch_norm.cc"))
+HEADERS = (pathlib.Path(__file__).with_name("common.h"),)  # Included by the sources.
 ROOT_ENV = "FRACTRAIN_ONEDNN_ROOT"
 WHEEL = "onednn-devel-cpu-gomp"
 # The project's cache folder (run/platform.py's cache_root; this layer may not import it).
@@ -88,7 +89,7 @@ def _build(root: pathlib.Path) -> pathlib.Path:
              f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES), f"-L{lib}",
              "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"]
   version = (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
-  key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), version,
+  key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), version,
                                    " ".join(command).encode(),
                                    jax.__version__.encode(), sys.version.encode()])).hexdigest()
   folder = pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/fractrain_jax").expanduser()

@@ -66,10 +66,14 @@ def _out_shape(lhs, rhs, win) -> jax.ShapeDtypeStruct:
           dimension_numbers=_LAYOUT, feature_group_count=groups), lhs, rhs)
 
 
-def _call(target: str, out: jax.ShapeDtypeStruct, a, b, win):
-  # "sequential": a vmapped conv (none in this project) stays correct, one call per element.
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      a, b, window=np.asarray(win, np.int64))
+def _call(target: str, out, *operands, **attributes):
+  """One FFI call of ``target`` with result shape(s) ``out``."""
+  # "sequential": a vmapped op (none in this project) stays correct, one call per element.
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, **attributes)
+
+
+def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -81,13 +85,15 @@ def conv(lhs: jax.Array, rhs: jax.Array, win: tuple[int, ...]) -> jax.Array:
 
 def _forward(lhs, rhs, win):
   library.require()
-  return _call(library.FORWARD, _out_shape(lhs, rhs, win), lhs, rhs, win), (lhs, rhs)
+  window_ = np.asarray(win, np.int64)
+  return _call(library.FORWARD, _out_shape(lhs, rhs, win), lhs, rhs, window=window_), (lhs, rhs)
 
 
 def _backward(win, residuals, g):
   lhs, rhs = residuals
-  d_lhs = _call(library.INPUT_GRAD, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), g, rhs, win)
-  d_rhs = _call(library.WEIGHT_GRAD, jax.ShapeDtypeStruct(rhs.shape, rhs.dtype), lhs, g, win)
+  window_ = np.asarray(win, np.int64)
+  d_lhs = _call(library.INPUT_GRAD, _like(lhs), g, rhs, window=window_)
+  d_rhs = _call(library.WEIGHT_GRAD, _like(rhs), lhs, g, window=window_)
   return d_lhs, d_rhs
 
 
@@ -105,22 +111,23 @@ def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float)
   return _bn_forward(x, scale, shift, epsilon)[0]
 
 
+def _bn_results(x, scale):
+  """y (or dx) and two per-channel vectors: mean and var (or the gradients of scale and
+  shift)."""
+  return _like(x), _like(scale), _like(scale)
+
+
 def _bn_forward(x, scale, shift, epsilon):
   library.require()
-  channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-  y, mean, var = jax.ffi.ffi_call(
-      library.BN_FORWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
-      vmap_method="sequential")(x, scale, shift, epsilon=np.float32(epsilon))
+  y, mean, var = _call(library.BN_FORWARD, _bn_results(x, scale), x, scale, shift,
+                       epsilon=np.float32(epsilon))
   return (y, mean, var), (x, scale, mean, var)
 
 
 def _bn_backward(epsilon, residuals, cotangents):
   x, scale, mean, var = residuals
-  channel = jax.ShapeDtypeStruct(scale.shape, jnp.float32)
-  return tuple(jax.ffi.ffi_call(
-      library.BN_BACKWARD, (jax.ShapeDtypeStruct(x.shape, x.dtype), channel, channel),
-      vmap_method="sequential")(cotangents[0], x, scale, mean, var,
-                                epsilon=np.float32(epsilon)))
+  return tuple(_call(library.BN_BACKWARD, _bn_results(x, scale), cotangents[0], x, scale,
+                     mean, var, epsilon=np.float32(epsilon)))
 
 
 batch_norm.defvjp(_bn_forward, _bn_backward)
