@@ -1,8 +1,9 @@
-"""Which kernels run the convs and BatchNorms of a step: oneDNN's or XLA's.
+"""Which kernels run the convs, BatchNorms and quantizers of a step: the FFI's or XLA's.
 
 ``config.train.kernels`` chooses "onednn" (``fractrain_jax/onednn``: oneDNN's conv and
 BatchNorm through JAX's FFI, 1.5-7x faster per call than XLA:CPU's fusions on an
-AVX-512 CPU, docs/RESULTS.md "Fifth step"), "xla" (XLA's: earlier versions' numerics)
+AVX-512 CPU, docs/RESULTS.md "Fifth step", and the quantizer's one-pass kernels, the
+same bits as XLA's, "Sixth step"), "xla" (XLA's: earlier versions' numerics)
 or "auto" (oneDNN's on a one-device CPU mesh where they build, XLA's elsewhere: a
 mesh of several devices partitions XLA's ops, not a foreign call).
 

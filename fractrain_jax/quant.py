@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fractrain_jax import kernels
+from fractrain_jax.onednn import ops as onednn_ops
+
 Bits = Union[int, jax.Array, np.ndarray]
 
 MAX_BITS = 32
@@ -80,7 +83,7 @@ def uniform_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   it does not depend on how the tensor is sharded. ``jax.random.uniform`` costs
   about 5x a whole deterministic quantization on the CPU.
   """
-  seed = _mix32(jax.random.bits(key, (), jnp.uint32))
+  seed = _noise_seed(key)
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2**32:
     raise ValueError(f"tensor of {size} elements is too large for 32-bit noise counters")
@@ -107,6 +110,36 @@ def _along_last_axis(s: jax.Array, x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(jnp.broadcast_to(s, x.shape[-1:]))
 
 
+def grid(bits: Bits, lo: jax.Array, hi: jax.Array):
+  """``(step, inv_step, top)`` of the ``2**bits``-level grid over ``[lo, hi]``.
+
+  A static width gives scalars; an array of widths gives arrays of its shape
+  (``lo`` and ``hi`` per-tensor), or of the broadcast of its shape with the
+  range's. Both of ``quantize``'s paths use these terms, so they agree to the bit.
+  """
+  if is_static(bits):
+    levels = jnp.float32(2.0**bits - 1)
+  else:
+    levels = jnp.exp2(bits.astype(jnp.float32)) - 1.0
+  step = jnp.maximum((hi - lo) / levels, jnp.float32(MIN_STEP))
+  # One division per range, not per element: XLA:CPU divides element-wise at
+  # several times the cost of a multiply (measured 4.1 ms vs 2.4 ms on 2M floats).
+  inv_step = 1.0 / step
+  return step, inv_step, lo + levels * step
+
+
+def _noise_seed(key: jax.Array) -> jax.Array:
+  """The 32 bits that seed ``uniform_noise``'s hash."""
+  return _mix32(jax.random.bits(key, (), jnp.uint32))
+
+
+def _on_kernel(x: jax.Array, lo: jax.Array, hi: jax.Array) -> bool:
+  """Whether this quantization runs the one-pass kernel: inside a step on the "onednn"
+  kernels (``kernels.py``), for a float32 tensor with a per-tensor range."""
+  return (kernels.current() == kernels.ONEDNN and x.dtype == jnp.float32 and x.ndim >= 1
+          and lo.ndim == 0 and hi.ndim == 0)
+
+
 def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None,
              widths: tuple[int, ...] | None = None) -> jax.Array:
   """Dequantized ``Q_b(x; lo, hi)``; rounds to nearest, or stochastically with ``key``.
@@ -115,23 +148,28 @@ def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None,
   known. Without 0 among them no sample passes through unquantized, and the
   pass-through select, a whole pass over the tensor, is left out; the values
   are the same.
+
+  Inside a step on the "onednn" kernels, a float32 tensor with a per-tensor
+  range is quantized by one kernel in one pass (``onednn/quantize.cc``), to
+  the same bits; elsewhere by XLA's fusions.
   """
   check_bits(bits)
   if is_static(bits):
     if bits == 0:
       return x
-    levels = jnp.float32(2.0**bits - 1)
   else:
     _check_leading("bits", bits.shape, x.shape)
-    levels = _over_leading(jnp.exp2(bits.astype(jnp.float32)) - 1.0, x.ndim)
-  xf = x.astype(jnp.float32)
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  step = jnp.maximum((hi - lo) / levels, jnp.float32(MIN_STEP))
-  # One division per range, not per element: XLA:CPU divides element-wise at
-  # several times the cost of a multiply (measured 4.1 ms vs 2.4 ms on 2M floats).
-  inv_step = 1.0 / step
-  top = lo + levels * step
+  passthrough = not is_static(bits) and (widths is None or 0 in widths)
+  if _on_kernel(x, lo, hi):
+    runs = jnp.asarray(bits, jnp.int32).reshape(-1)
+    terms = (t.reshape(-1) for t in grid(bits, lo, hi))
+    seed = jnp.uint32(0) if key is None else _noise_seed(key)
+    return onednn_ops.quantize(x, lo, *terms, runs, seed, stochastic=key is not None,
+                               passthrough=passthrough)
+  xf = x.astype(jnp.float32)
+  step, inv_step, top = grid(bits if is_static(bits) else _over_leading(bits, x.ndim), lo, hi)
   lo, step, inv_step, top = (_along_last_axis(t, x) for t in (lo, step, inv_step, top))
   v = (xf - lo) * inv_step
   if key is not None:
@@ -139,7 +177,7 @@ def quantize(x: jax.Array, bits: Bits, *, lo, hi, key: jax.Array | None = None,
   # Clipping the dequantized value to [lo, lo + levels * step] equals clipping the
   # level to [0, levels], and keeps constant tensors out of the fused kernel.
   q = jnp.minimum(jnp.maximum(jnp.round(v) * step + lo, lo), top)
-  if not is_static(bits) and (widths is None or 0 in widths):
+  if passthrough:
     q = jnp.where(_over_leading(bits, x.ndim) == 0, xf, q)
   return q.astype(x.dtype)
 
@@ -237,7 +275,17 @@ def _blend_fwd(x, mask, lo, hi, widths, one_hot):
 def _blend_bwd(widths, one_hot, res, g):
   del one_hot  # The same gradients either way.
   x, mask, lo, hi = res
-  dx = g * _over_leading(jnp.sum(mask, axis=-1).astype(g.dtype), g.ndim)
+  scale = jnp.sum(mask, axis=-1).astype(g.dtype)
+  distinct = sorted(set(widths))
+  if _on_kernel(x, lo, hi) and g.dtype == jnp.float32:
+    # One pass over x and g for dx and every candidate's dot (onednn/quantize.cc).
+    # Static widths' grids, as _blend_terms quantizes with.
+    terms = (jnp.stack(t) for t in zip(*(grid(w, lo, hi) for w in distinct)))
+    dx, dots = onednn_ops.blend_grad(x, g, scale, lo, *terms)
+    dots = dots.reshape(scale.shape + (len(distinct),))
+    dmask = jnp.stack([dots[..., distinct.index(w)] for w in widths], axis=-1)
+    return dx, dmask.astype(mask.dtype), jnp.zeros_like(lo), jnp.zeros_like(hi)
+  dx = g * _over_leading(scale, g.ndim)
   axes = tuple(range(mask.ndim - 1, x.ndim))
   dots = {w: jnp.sum(g * q, axis=axes) for w, q in _blend_terms(x, lo, hi, widths).items()}
   dmask = jnp.stack([dots[w] for w in widths], axis=-1).astype(mask.dtype)

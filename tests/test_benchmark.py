@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fractrain_jax import benchmark, cost
+from fractrain_jax.onednn import library
 
 
 def run_json(argv):
@@ -49,7 +50,17 @@ def test_quant_compares_each_quantized_conv_with_fp32():
   rows = run_json(["quant", "--batch-size", "2", "--repeats", "2"])
   assert [r["variant"] for r in rows] == ["fp32", "quantized_8_8", "quantized_4_6"]
   for r in rows:
-    assert r["ratio_to_fp32"] == pytest.approx(r["ms"] / rows[0]["ms"])
+    assert r["kernels"] == "xla" and r["ratio_to_fp32"] == pytest.approx(r["ms"] / rows[0]["ms"])
+
+
+@pytest.mark.skipif(not library.status().ok, reason=library.status().reason)
+def test_quant_times_each_kind_of_kernels_against_its_own_fp32():
+  rows = run_json(["quant", "--batch-size", "2", "--repeats", "1", "--kernels", "xla", "onednn"])
+  assert [(r["kernels"], r["variant"]) for r in rows] == [
+      (k, v) for k in ("xla", "onednn") for v in ("fp32", "quantized_8_8", "quantized_4_6")]
+  for r in rows:
+    base = next(b for b in rows if b["kernels"] == r["kernels"] and b["variant"] == "fp32")
+    assert r["ratio_to_fp32"] == pytest.approx(r["ms"] / base["ms"])
 
 
 def test_lm_step_times_the_gated_lm_with_the_lm_recipes_candidates():

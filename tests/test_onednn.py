@@ -281,5 +281,7 @@ def test_a_dfq_step_runs_its_convs_on_onednn():
   _, _, metrics, jaxpr = _one_step("dfq", "onednn")
   _, _, xla_metrics, _ = _one_step("dfq", "xla")
   assert jaxpr.count(library.FORWARD) >= 9 and jaxpr.count(library.WEIGHT_GRAD) >= 9
+  # Its gated convs' input blends and gradient quantizers run the quantizer's kernels.
+  assert library.QUANTIZE in jaxpr and library.BLEND_GRAD in jaxpr
   chex.assert_tree_all_finite(metrics)
   chex.assert_trees_all_close(metrics["ce"], xla_metrics["ce"], rtol=1e-3)

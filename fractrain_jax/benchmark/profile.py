@@ -52,7 +52,9 @@ KERNEL_CLASSES = {"FractrainOneDnnConvForward": "conv forward",
                   "FractrainOneDnnConvInputGrad": "conv input-grad",
                   "FractrainOneDnnConvWeightGrad": "conv weight-grad",
                   "FractrainOneDnnBatchNormForward": "BN",
-                  "FractrainOneDnnBatchNormBackward": "BN"}
+                  "FractrainOneDnnBatchNormBackward": "BN",
+                  "FractrainQuantize": "quantizers",
+                  "FractrainBlendGrad": "quantizers"}
 _TARGET = re.compile(r'custom_call_target="(\w+)"')
 
 # The shape may be a tuple, "(f32[8]{0}, f32[2]{0})" (a multi-output fusion or FFI call).

@@ -2,7 +2,7 @@
 
 quant: forward + backward of one 3x3 conv (batch 128, 32x32, 16 channels),
   fully quantized (activations, weights, gradients) against the same conv in
-  FP32, and their ratio.
+  FP32, and their ratio, on XLA's kernels or (``--kernels xla onednn``) each in turn.
 step: one whole training step (the jitted step that training runs, data
   augmentation on the device included) for each method: fp32, static (8/8),
   pfq (its first stage), dfq and frac (gated model), and dfq_per_candidate
@@ -70,31 +70,36 @@ def bench_quant(args) -> list[dict]:
   import jax.numpy as jnp
   from flax import nnx
 
+  from fractrain_jax import kernels
   from fractrain_jax.layers import QConv, StaticBits
 
   conv = QConv(16, 16, 3, rngs=nnx.Rngs(0))
   graphdef, params, batch_stats = nnx.split(conv, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(0), (args.batch_size, 32, 32, 16))
 
-  def make(bits):
+  def make(bits, kernel):
     def loss(params, batch_stats, x, key):
       m = nnx.merge(graphdef, params, batch_stats, copy=True)
-      y = m(x, bits, key=key)
+      with kernels.use(kernel):  # As a step on these kernels traces its model.
+        y = m(x, bits, key=key)
       return jnp.sum(y * y), nnx.state(m, nnx.BatchStat)
 
     return jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
 
   rows = []
-  for name, bits in (("fp32", None), ("quantized_8_8", StaticBits(8, 8, 8)),
-                     ("quantized_4_6", StaticBits(4, 6, 4))):
-    step = make(bits)
-    key = jax.random.key(1)
-    seconds = time_fn(lambda: jax.block_until_ready(step(params, batch_stats, x, key)),
-                      repeats=args.repeats)
-    rows.append({"bench": "quant", "variant": name, "ms": seconds * 1e3})
-  base = rows[0]["ms"]
-  for r in rows:
-    r["ratio_to_fp32"] = r["ms"] / base
+  for kernel in args.kernels:
+    if kernel == kernels.ONEDNN:
+      kernels.resolve(kernel, jax.sharding.Mesh(jax.devices()[:1], ("data",)))  # Or say why not.
+    first = len(rows)
+    for name, bits in (("fp32", None), ("quantized_8_8", StaticBits(8, 8, 8)),
+                       ("quantized_4_6", StaticBits(4, 6, 4))):
+      step = make(bits, kernel)
+      key = jax.random.key(1)
+      seconds = time_fn(lambda: jax.block_until_ready(step(params, batch_stats, x, key)),
+                        repeats=args.repeats)
+      rows.append({"bench": "quant", "kernels": kernel, "variant": name, "ms": seconds * 1e3})
+    for r in rows[first:]:
+      r["ratio_to_fp32"] = r["ms"] / rows[first]["ms"]
   return rows
 
 
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="bench", required=True)
   q = sub.add_parser("quant", help="one quantized conv against FP32")
   q.add_argument("--batch-size", type=int, default=128, help="conv input batch (default 128)")
+  q.add_argument("--kernels", nargs="+", choices=("xla", "onednn"), default=["xla"],
+                 help="the kernels to time it on, in turn (config.train.kernels; default xla)")
   s = sub.add_parser("step", help="one training step per method")
   _add_model_args(s, "time", several="timed in turn and compared with the first",
                   methods_default=None, methods_help=(

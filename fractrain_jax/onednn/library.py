@@ -1,7 +1,7 @@
-"""Finds oneDNN, compiles ``conv.cc`` and ``batch_norm.cc`` against it and JAX's FFI
-headers, and registers their handlers.
+"""Finds oneDNN, compiles ``conv.cc``, ``batch_norm.cc`` and ``quantize.cc`` against it and
+JAX's FFI headers, and registers their handlers.
 
-The shared library is built once per source, JAX and oneDNN version and compiler, into
+The shared library is built once per source, JAX and oneDNN version, compiler and CPU, into
 ``kernels/`` of the project's cache folder (``$FRACTRAIN_CACHE_DIR`` or
 ``~/.cache/fractrain_jax``, as in ``run/platform.py``), and loaded from there after.
 oneDNN comes from the ``onednn-devel-cpu-gomp`` wheel (requirements.txt: headers, and
@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import jax
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(n) for n in ("conv.cc", "batch_norm.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(n)
+                for n in ("conv.cc", "batch_norm.cc", "quantize.cc"))
 HEADERS = (pathlib.Path(__file__).with_name("common.h"),)  # Included by the sources.
 ROOT_ENV = "FRACTRAIN_ONEDNN_ROOT"
 WHEEL = "onednn-devel-cpu-gomp"
@@ -42,7 +43,10 @@ INPUT_GRAD = "FractrainOneDnnConvInputGrad"
 WEIGHT_GRAD = "FractrainOneDnnConvWeightGrad"
 BN_FORWARD = "FractrainOneDnnBatchNormForward"
 BN_BACKWARD = "FractrainOneDnnBatchNormBackward"
-TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD, BN_FORWARD, BN_BACKWARD)
+# The quantizer's own kernels, built and run beside oneDNN's (its OpenMP threads).
+QUANTIZE = "FractrainQuantize"
+BLEND_GRAD = "FractrainBlendGrad"
+TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD, BN_FORWARD, BN_BACKWARD, QUANTIZE, BLEND_GRAD)
 
 
 class Status(NamedTuple):
@@ -78,6 +82,16 @@ def _compiler() -> str:
                           "kernels")
 
 
+def _cpu_flags() -> bytes:
+  """The CPU's feature flags, for the build's key: a cache folder shared between machines
+  keeps one build per kind of CPU."""
+  try:
+    with open("/proc/cpuinfo", "rb") as f:
+      return next((line for line in f if line.startswith(b"flags")), b"")
+  except OSError:
+    return os.uname().machine.encode()
+
+
 def _build(root: pathlib.Path) -> pathlib.Path:
   include, lib = root / "include", root / "lib"
   if not (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file():
@@ -85,13 +99,18 @@ def _build(root: pathlib.Path) -> pathlib.Path:
   if not (lib / "libdnnl.so.3").is_file():
     raise OneDnnUnavailable(f"no libdnnl.so.3 under {lib} (oneDNN 3.x)")
   cxx = _compiler()
-  command = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-DNDEBUG", "-w",
+  # -march=native: the library is built where it runs (the CPU's flags are in the key);
+  # no FMA contraction, so quantize.cc's arithmetic is quant.py's to the bit; OpenMP is
+  # oneDNN's own runtime here (the gomp build).
+  command = [cxx, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17",
+             "-shared", "-fPIC", "-DNDEBUG", "-w",
              f"-I{jax.ffi.include_dir()}", f"-I{include}", *map(str, SOURCES), f"-L{lib}",
              "-l:libdnnl.so.3", f"-Wl,-rpath,{lib}"]
   version = (include / "oneapi" / "dnnl" / "dnnl_version.h").read_bytes()
   key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), version,
                                    " ".join(command).encode(),
-                                   jax.__version__.encode(), sys.version.encode()])).hexdigest()
+                                   jax.__version__.encode(), sys.version.encode(),
+                                   _cpu_flags()])).hexdigest()
   folder = pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/fractrain_jax").expanduser()
   folder = folder / "kernels"
   target = folder / f"onednn_kernels-{key[:16]}.so"

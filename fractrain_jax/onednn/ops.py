@@ -1,5 +1,6 @@
-"""oneDNN's ops as JAX functions, each under a ``custom_vjp``: the conv (``conv.cc``'s three
-passes) and training BatchNorm (``batch_norm.cc``'s two).
+"""The FFI kernels as JAX functions: oneDNN's conv (``conv.cc``'s three passes) and
+training BatchNorm (``batch_norm.cc``'s two), each under a ``custom_vjp``, and the
+quantizer's one-pass kernels (``quantize.cc``: the quantization, DFQ's blend backward).
 
 ``supports`` says which ``jax.lax.conv_general_dilated`` calls it takes (2-D, float32,
 NHWC/HWIO/NHWC, no input dilation, no batch groups, no negative padding); the rest stay
@@ -131,3 +132,33 @@ def _bn_backward(epsilon, residuals, cotangents):
 
 
 batch_norm.defvjp(_bn_forward, _bn_backward)
+
+
+def quantize(x: jax.Array, lo: jax.Array, step: jax.Array, inv_step: jax.Array,
+             top: jax.Array, bits: jax.Array, seed: jax.Array, *, stochastic: bool,
+             passthrough: bool) -> jax.Array:
+  """``quant.quantize`` of float32 ``x`` in one pass (``quantize.cc``): ``bits`` [P] splits
+  ``x`` into P equal runs of consecutive elements (P = 1, or a sample or token each),
+  each with its grid's ``step``, ``inv_step`` and ``top`` [P] over the per-tensor ``lo``.
+
+  stochastic: add ``quant.uniform_noise`` from ``seed`` (the key's mixed bits);
+  passthrough: a run at width 0 stays ``x``. Not differentiable: FracTrain's quantizers
+  are straight-through, so only their values are needed.
+  """
+  library.require()
+  return _call(library.QUANTIZE, _like(x), x, lo, step, inv_step, top, bits,
+               jnp.asarray(seed, jnp.uint32), stochastic=np.int32(stochastic),
+               passthrough=np.int32(passthrough))
+
+
+def blend_grad(x: jax.Array, g: jax.Array, scale: jax.Array, lo: jax.Array,
+               step: jax.Array, inv_step: jax.Array, top: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """DFQ's blend backward in one pass over float32 ``x`` and ``g`` (``quantize.cc``):
+  ``dx = g * scale[run]`` and ``dots[run, k] = <g, Q_k(x)>`` over each of the
+  ``scale.size`` runs, for K grids given by ``step``, ``inv_step`` and ``top`` [K]."""
+  library.require()
+  runs = scale.size
+  return _call(library.BLEND_GRAD,
+               (_like(x), jax.ShapeDtypeStruct((runs, step.size), jnp.float32)),
+               x, g, scale.reshape(-1), lo, step, inv_step, top)
