@@ -15,6 +15,7 @@ from fractrain_jax.run import platform
     ("", True, False),            # Nothing asked, a CUDA/ROCm/TPU plugin: JAX picks it.
 ])
 def test_cpu_flag_only_for_the_cpu_backend(monkeypatch, platforms, plugin, want):
+  monkeypatch.setattr(platform, "keep_freed_memory", lambda: None)  # Not this process's.
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
   monkeypatch.setattr(platform, "_accelerator_plugin_installed", lambda: plugin)
@@ -24,10 +25,64 @@ def test_cpu_flag_only_for_the_cpu_backend(monkeypatch, platforms, plugin, want)
   assert (platform.CPU_FLAG in flags) == want
 
 
+_FAULTS = """
+import ctypes, resource, sys, threading
+from fractrain_jax.run import platform
+if sys.argv[1] == "keep":
+  assert platform.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size, faults = 96 << 20, []
+
+def round_trip():  # As XLA:CPU's threads allocate a step's temporaries.
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)
+  libc.free(ctypes.c_void_p(p))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+for _ in range(3):
+  t = threading.Thread(target=round_trip)
+  t.start()
+  t.join()
+print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(not (getattr(os, "confstr", None) and os.confstr("CS_GNU_LIBC_VERSION")),
+                    reason="glibc's malloc only")
+def test_kept_memory_is_not_faulted_in_again_by_each_step():
+  """A thread's large allocation, freed and made again: glibc maps it afresh every time
+  (a page fault per 4 KiB page), unless ``keep_freed_memory`` made it keep the pages."""
+  import subprocess
+  import sys
+
+  def faults(mode):
+    return int(subprocess.run([sys.executable, "-c", _FAULTS, mode], check=True,
+                              capture_output=True, text=True).stdout)
+
+  pages = (96 << 20) // 4096
+  assert faults("system") > pages // 2
+  assert faults("keep") < pages // 20
+
+
+def test_malloc_is_kept_for_the_cpu_backend_only(monkeypatch):
+  calls = []
+  monkeypatch.setattr(platform, "keep_freed_memory", lambda: calls.append(1))
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  platform.configure()
+  assert not calls
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  platform.configure(malloc=False)
+  assert not calls
+  platform.configure()
+  assert calls == [1]
+
+
 def test_no_cpu_flags_leaves_xla_flags_alone(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  platform.configure(cpu_flags=False)
+  platform.configure(cpu_flags=False, malloc=False)
   assert "XLA_FLAGS" not in os.environ
 
 

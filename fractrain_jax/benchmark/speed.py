@@ -359,13 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--no-cpu-flags", action="store_true",
                    help=f"do not set XLA_FLAGS={platform.CPU_FLAG} (set on the CPU backend only)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (the entry points keep freed memory "
+                        "on the CPU backend: run/platform.keep_freed_memory)")
   args = parser.parse_args(argv)
   counts = {"quant": ("batch_size", "repeats"), "step": ("batch_size", "repeats", "num_classes"),
             "profile": ("batch_size", "steps", "num_classes")}[args.bench]
   for name in counts:
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an int >= 1")
-  platform.configure(cpu_flags=not args.no_cpu_flags)
+  platform.configure(cpu_flags=not args.no_cpu_flags, malloc=not args.system_malloc)
   if args.bench in ("step", "profile"):
     _step_models(parser, args)
   rows = {"quant": bench_quant, "step": bench_step, "profile": bench_profile}[args.bench](args)

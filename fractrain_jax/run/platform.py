@@ -7,6 +7,7 @@ started from the command line knows which machine it runs on. Call
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import pathlib
@@ -41,14 +42,42 @@ def cpu_backend_expected() -> bool:
   return not _accelerator_plugin_installed()
 
 
-def configure(*, cpu_flags: bool = True) -> None:
-  """XLA:CPU flags (on the CPU backend only) and a TensorFlow that prints nothing at start.
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_KEEP_BELOW = 2**31 - 1  # The largest trim threshold mallopt takes: ~2 GiB stays in the heap.
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc's malloc keep freed memory for the next allocation; False where the C
+  library is not glibc.
+
+  Why: glibc gives each thread that allocates an arena of its own, and an arena serves a
+  request larger than its 64 MiB heap with a fresh mmap, unmapped again at free.
+  XLA:CPU allocates a step's temporaries on its own threads, so every ResNet-38 step
+  faulted in about 560 MB of new pages (137,000 minor faults, 0.45 s of kernel time a
+  step); one arena that neither maps nor trims keeps those pages (docs/RESULTS.md,
+  issue 28's sixth step). Call it before JAX starts its threads.
+  """
+  if not hasattr(os, "confstr") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith(
+      "glibc"):
+    return False
+  libc = ctypes.CDLL(None)
+  return all(libc.mallopt(option, value) == 1 for option, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BELOW)))
+
+
+def configure(*, cpu_flags: bool = True, malloc: bool = True) -> None:
+  """XLA:CPU flags and glibc's malloc kept from unmapping a step's memory (both on the
+  CPU backend only), and a TensorFlow that prints nothing at start.
 
   cpu_flags: False leaves XLA_FLAGS as it is (to measure without them).
+  malloc: False leaves the C library's malloc as it is (``keep_freed_memory``).
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if cpu_flags and cpu_backend_expected() and "ynn_fusion_type" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_FLAG}".strip()
+  if malloc and cpu_backend_expected():
+    keep_freed_memory()
   # TensorFlow, where it is used at all, only reads data: none of its start-up lines.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # Its oneDNN note ("oneDNN custom operations are on", with absl's "All log messages
