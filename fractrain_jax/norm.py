@@ -3,7 +3,8 @@
 ``BatchNorm`` is ``nnx.BatchNorm`` (same variables, same checkpoints, same running
 averages); in training on the "onednn" kernels (``kernels.py``) a float32 NHWC input
 is normalized by ``onednn.ops.batch_norm`` with the batch's biased variance, as Flax's
-two-pass form (``use_fast_variance=False``) computes it. Anything else (evaluation,
+two-pass form (``use_fast_variance=False``) computes it, and a ReLU that follows
+(``relu=True``) runs in the same kernel. Anything else (evaluation,
 other axes or dtypes, a mask, statistics synced over devices) is Flax's own call.
 """
 
@@ -28,11 +29,15 @@ class BatchNorm(nnx.BatchNorm):
             and self.scale is not None and self.bias is not None
             and self.scale.dtype == jnp.float32 and self.bias.dtype == jnp.float32)
 
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None,
+               relu: bool = False):
+    """relu: return ``ReLU(BN(x))``, in oneDNN's BatchNorm kernel where it runs."""
     running = self.use_running_average if use_running_average is None else use_running_average
     if running is None or running or not self._onednn_takes(x, mask):
-      return super().__call__(x, use_running_average, mask=mask)
-    y, mean, var = onednn_ops.batch_norm(x, self.scale[...], self.bias[...], self.epsilon)
+      y = super().__call__(x, use_running_average, mask=mask)
+      return jax.nn.relu(y) if relu else y
+    op = onednn_ops.batch_norm_relu if relu else onednn_ops.batch_norm
+    y, mean, var = op(x, self.scale[...], self.bias[...], self.epsilon)
     # As Flax updates them: the statistics are not differentiated through.
     self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...]
                                            + (1 - self.momentum) * mean)

@@ -11,6 +11,9 @@ against the same step on XLA's kernels.
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -184,11 +187,46 @@ def _not_installed(name):
   raise library.importlib.metadata.PackageNotFoundError(name)
 
 
+def test_processes_starting_at_once_build_the_library_once(tmp_path, monkeypatch):
+  """Two builds at once (two test workers, the processes of one run): the second waits for
+  the first's file instead of compiling again."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path / "onednn"
+  (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (root / "lib").mkdir()
+  for f in ("include/oneapi/dnnl/dnnl.hpp", "include/oneapi/dnnl/dnnl_version.h",
+            "lib/libdnnl.so.3"):
+    (root / f).write_text("")
+  compiles = []
+
+  def compile_(command, **_):
+    compiles.append(command)
+    time.sleep(0.5)  # A compile long enough for the other build to arrive meanwhile.
+    pathlib.Path(command[-1]).write_bytes(b"library")
+    return subprocess.CompletedProcess(command, 0, "", "")
+
+  monkeypatch.setenv(library.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setattr(library.subprocess, "run", compile_)
+  built = []
+  threads = [threading.Thread(target=lambda: built.append(library._build(root)))
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(compiles) == 1 and len(built) == 2 and built[0] == built[1]
+  assert built[0].read_bytes() == b"library"
+
+
 @needs_onednn
-@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (16, 8, 8, 16)])
-def test_batch_norm_on_onednn_is_flax_batch_norm(shape):
+@pytest.mark.parametrize("shape,relu", [((4, 5, 5, 3), False), ((16, 8, 8, 16), False),
+                                        ((16, 8, 8, 16), True)])
+def test_batch_norm_on_onednn_is_flax_batch_norm(shape, relu):
   """Output, running averages and the gradients of x, scale and bias, against Flax's own
-  call of the same module (two-pass variance, PyTorch's momentum and epsilon)."""
+  call of the same module (two-pass variance, PyTorch's momentum and epsilon), and with
+  a ReLU after it (fused on oneDNN) against Flax's followed by ``jax.nn.relu``."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.5
@@ -204,7 +242,7 @@ def test_batch_norm_on_onednn_is_flax_batch_norm(shape):
     def loss(params, x):
       model = nnx.merge(graphdef, params, stats, copy=True)
       with kernels.use(kernel):
-        y = model(x, use_running_average=False)
+        y = model(x, use_running_average=False, relu=relu)
       return jnp.vdot(y, g), (y, nnx.state(model, nnx.Not(nnx.Param)))
 
     fn = jax.jit(jax.grad(loss, (0, 1), has_aux=True))
@@ -212,11 +250,31 @@ def test_batch_norm_on_onednn_is_flax_batch_norm(shape):
 
   ((d_params, d_x), (y, stats)), text = run(kernels.ONEDNN)
   ((want_params, want_x), (want_y, want_stats)), xla_text = run(kernels.XLA)
-  assert library.BN_FORWARD in text and library.BN_FORWARD not in xla_text
+  target = library.BN_RELU_FORWARD if relu else library.BN_FORWARD
+  assert text.count("FractrainOneDnnBatchNorm") == 2 and target in text  # Forward, backward.
+  assert "FractrainOneDnn" not in xla_text
+  assert (float(jnp.min(y)) == 0.0) == relu
   chex.assert_trees_all_close(y, want_y, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(stats, want_stats, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(d_params, want_params, rtol=1e-4, atol=1e-4)
   chex.assert_trees_all_close(d_x, want_x, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_the_fused_relu_is_relu_after_the_batch_norm_to_the_bit():
+  x = jax.random.normal(jax.random.key(2), (8, 6, 6, 8))
+  scale, shift = jnp.linspace(0.5, 2.0, 8), jnp.linspace(-1.0, 1.0, 8)
+  g = jax.random.normal(jax.random.key(3), x.shape)
+
+  def fused(x, scale, shift):
+    return jnp.vdot(ops.batch_norm_relu(x, scale, shift, 1e-5)[0], g)
+
+  def apart(x, scale, shift):
+    return jnp.vdot(jax.nn.relu(ops.batch_norm(x, scale, shift, 1e-5)[0]), g)
+
+  for a, b in zip(jax.jit(jax.value_and_grad(fused, (0, 1, 2)))(x, scale, shift),
+                  jax.jit(jax.value_and_grad(apart, (0, 1, 2)))(x, scale, shift)):
+    chex.assert_trees_all_equal(a, b)
 
 
 @needs_onednn
@@ -267,6 +325,9 @@ def test_a_train_step_on_onednn_matches_the_step_on_xla():
   # resnet8's 9 convs, in the train step and in the eval step.
   assert kernel == kernels.ONEDNN and jaxpr.count(library.FORWARD) == 18
   assert "conv_general_dilated" not in jaxpr
+  # Training's BatchNorms: the stem's and each block's first with its ReLU fused (4), the
+  # blocks' second and the projection shortcuts' without (5); evaluation's are Flax's.
+  assert jaxpr.count(library.BN_RELU_FORWARD) == 4 and jaxpr.count(library.BN_FORWARD) == 5
   _, xla_state, xla_metrics, xla_jaxpr = _one_step("fp32", "xla")
   assert library.FORWARD not in xla_jaxpr
   chex.assert_trees_all_close(metrics["ce"], xla_metrics["ce"], rtol=1e-5)

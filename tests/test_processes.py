@@ -100,8 +100,11 @@ def folder(tmp_path_factory):
     ("fp32", 1e-5),
     # Collectives sum in another order across processes; a quantization input that
     # lands on a rounding threshold moves by a whole step. One process on 1, 2 and 4
-    # devices spreads this tiny run's DFQ test loss by 2% (0.682, 0.686, 0.674).
-    ("dfq", 3e-2),
+    # devices spreads this tiny run's DFQ test loss by 2% (0.682, 0.686, 0.674); the
+    # train loss of its second interval (two steps of 8 images) was 0.712 in one process
+    # and 0.737 in two (3.4%) with flax 0.12.8, optax 0.2.8 and numpy 2.4.6, at the
+    # same cp and a test loss 1.1% apart.
+    ("dfq", 5e-2),
 ])
 def test_two_processes_train_the_one_process_run_and_write_each_file_once(
     tmp_path, folder, recipe, rtol):

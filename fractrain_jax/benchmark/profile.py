@@ -53,6 +53,8 @@ KERNEL_CLASSES = {"FractrainOneDnnConvForward": "conv forward",
                   "FractrainOneDnnConvWeightGrad": "conv weight-grad",
                   "FractrainOneDnnBatchNormForward": "BN",
                   "FractrainOneDnnBatchNormBackward": "BN",
+                  "FractrainOneDnnBatchNormReluForward": "BN",
+                  "FractrainOneDnnBatchNormReluBackward": "BN",
                   "FractrainQuantize": "quantizers",
                   "FractrainBlendGrad": "quantizers"}
 _TARGET = re.compile(r'custom_call_target="(\w+)"')

@@ -45,8 +45,8 @@ class InvertedResidual(nnx.Module):
     self.out_features = out_features
 
   def __call__(self, x: jax.Array, bits: BlockBits, *, key: jax.Array | None) -> jax.Array:
-    y = jax.nn.relu(self.expand(x, bits.branch, key=layer_key(key, 0)))
-    y = jax.nn.relu(self.depthwise(y, bits.depthwise, key=layer_key(key, 1)))
+    y = self.expand(x, bits.branch, key=layer_key(key, 0), relu=True)
+    y = self.depthwise(y, bits.depthwise, key=layer_key(key, 1), relu=True)
     y = self.project(y, bits.branch, key=layer_key(key, 2))
     if not self.residual:
       return y

@@ -70,8 +70,10 @@ class ConvBN(nnx.Module):
                         use_fast_variance=False, rngs=rngs)
     self.out_features = out_features
 
-  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
-    return self.bn(self.conv(x, bits, key=key))
+  def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None,
+               relu: bool = False) -> jax.Array:
+    """relu: ReLU after the BatchNorm, fused into it on the oneDNN kernels (``norm.py``)."""
+    return self.bn(self.conv(x, bits, key=key), relu=relu)
 
 
 class Stem(nnx.Module):
@@ -85,7 +87,7 @@ class Stem(nnx.Module):
     self.out_features = out_features
 
   def __call__(self, x: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
-    h = jax.nn.relu(self.conv_bn(x, bits, key=key))
+    h = self.conv_bn(x, bits, key=key, relu=True)
     if self.max_pool:
       # Pads with -inf, like PyTorch's MaxPool2d(3, 2, padding=1).
       h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -107,6 +109,6 @@ class Head(nnx.Module):
 
   def __call__(self, h: jax.Array, bits: LayerBits, *, key: jax.Array | None) -> jax.Array:
     if self.conv_bn is not None:
-      h = jax.nn.relu(self.conv_bn(h, bits, key=key))
+      h = self.conv_bn(h, bits, key=key, relu=True)
     return self.classifier(global_avg_pool(h))
 

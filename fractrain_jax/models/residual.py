@@ -34,7 +34,7 @@ class BasicBlock(nnx.Module):
     self.out_features = out_features
 
   def __call__(self, x: jax.Array, bits: BlockBits, *, key: jax.Array | None) -> jax.Array:
-    y = jax.nn.relu(self.conv1(x, bits.branch, key=layer_key(key, 0)))
+    y = self.conv1(x, bits.branch, key=layer_key(key, 0), relu=True)
     y = self.conv2(y, bits.branch, key=layer_key(key, 1))
     if self.shortcut is not None:
       x = self.shortcut(x, bits.shortcut, key=layer_key(key, 2))
@@ -56,8 +56,8 @@ class Bottleneck(nnx.Module):
     self.out_features = out_features
 
   def __call__(self, x: jax.Array, bits: BlockBits, *, key: jax.Array | None) -> jax.Array:
-    y = jax.nn.relu(self.conv1(x, bits.branch, key=layer_key(key, 0)))
-    y = jax.nn.relu(self.conv2(y, bits.branch, key=layer_key(key, 1)))
+    y = self.conv1(x, bits.branch, key=layer_key(key, 0), relu=True)
+    y = self.conv2(y, bits.branch, key=layer_key(key, 1), relu=True)
     y = self.conv3(y, bits.branch, key=layer_key(key, 2))
     if self.shortcut is not None:
       x = self.shortcut(x, bits.shortcut, key=layer_key(key, 3))

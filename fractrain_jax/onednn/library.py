@@ -43,10 +43,13 @@ INPUT_GRAD = "FractrainOneDnnConvInputGrad"
 WEIGHT_GRAD = "FractrainOneDnnConvWeightGrad"
 BN_FORWARD = "FractrainOneDnnBatchNormForward"
 BN_BACKWARD = "FractrainOneDnnBatchNormBackward"
+BN_RELU_FORWARD = "FractrainOneDnnBatchNormReluForward"  # BatchNorm, then ReLU, fused.
+BN_RELU_BACKWARD = "FractrainOneDnnBatchNormReluBackward"
 # The quantizer's own kernels, built and run beside oneDNN's (its OpenMP threads).
 QUANTIZE = "FractrainQuantize"
 BLEND_GRAD = "FractrainBlendGrad"
-TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD, BN_FORWARD, BN_BACKWARD, QUANTIZE, BLEND_GRAD)
+TARGETS = (FORWARD, INPUT_GRAD, WEIGHT_GRAD, BN_FORWARD, BN_BACKWARD, BN_RELU_FORWARD,
+           BN_RELU_BACKWARD, QUANTIZE, BLEND_GRAD)
 
 
 class Status(NamedTuple):
@@ -116,23 +119,32 @@ def _build(root: pathlib.Path) -> pathlib.Path:
   target = folder / f"onednn_kernels-{key[:16]}.so"
   if target.is_file():
     return target
+  import fcntl  # pylint: disable=import-outside-toplevel  # POSIX: the kernels build on Linux.
   try:
     folder.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
-    os.close(fd)
+    lock = open(folder / f".{target.name}.lock", "w")  # pylint: disable=consider-using-with
   except OSError as e:
     raise OneDnnUnavailable(f"cannot write the oneDNN kernels' build to {folder}: {e}; "
                             f"set {CACHE_ENV} to a writable folder") from None
-  try:
-    done = subprocess.run(command + ["-o", partial], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-      raise OneDnnUnavailable(f"building the oneDNN kernels failed ({' '.join(command)}):\n"
-                              f"{done.stderr[-2000:]}")
-    # Processes building at once each write their own file; the rename is atomic.
-    os.replace(partial, target)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+  with lock:
+    # Processes starting at once (test workers, the processes of one run) wait for the
+    # first one's build instead of each compiling the same library.
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if target.is_file():
+      return target
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+      done = subprocess.run(command + ["-o", partial], capture_output=True, text=True,
+                            check=False)
+      if done.returncode != 0:
+        raise OneDnnUnavailable(f"building the oneDNN kernels failed ({' '.join(command)}):\n"
+                                f"{done.stderr[-2000:]}")
+      # A reader never sees a partial file: the rename is atomic.
+      os.replace(partial, target)
+    finally:
+      if os.path.exists(partial):
+        os.remove(partial)
   return target
 
 

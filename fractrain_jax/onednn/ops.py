@@ -134,6 +134,33 @@ def _bn_backward(epsilon, residuals, cotangents):
 batch_norm.defvjp(_bn_forward, _bn_backward)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_relu(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float):
+  """``batch_norm`` with a ReLU applied to y in the same kernel: (ReLU(y), mean, var).
+
+  The forward pass also writes the ReLU's mask (a byte an element), which the backward
+  pass reads: the ReLU and its gradient are no passes over memory of their own.
+  """
+  return _bn_relu_forward(x, scale, shift, epsilon)[0]
+
+
+def _bn_relu_forward(x, scale, shift, epsilon):
+  library.require()
+  y, mean, var, mask = _call(library.BN_RELU_FORWARD,
+                             (*_bn_results(x, scale), jax.ShapeDtypeStruct(x.shape, jnp.uint8)),
+                             x, scale, shift, epsilon=np.float32(epsilon))
+  return (y, mean, var), (x, scale, mean, var, mask)
+
+
+def _bn_relu_backward(epsilon, residuals, cotangents):
+  x, scale, mean, var, mask = residuals
+  return tuple(_call(library.BN_RELU_BACKWARD, _bn_results(x, scale), cotangents[0], x, scale,
+                     mean, var, mask, epsilon=np.float32(epsilon)))
+
+
+batch_norm_relu.defvjp(_bn_relu_forward, _bn_relu_backward)
+
+
 def quantize(x: jax.Array, lo: jax.Array, step: jax.Array, inv_step: jax.Array,
              top: jax.Array, bits: jax.Array, seed: jax.Array, *, stochastic: bool,
              passthrough: bool) -> jax.Array:
