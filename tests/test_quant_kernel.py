@@ -1,8 +1,8 @@
 """The quantizer's one-pass CPU kernels (fractrain_jax/onednn/quantize.cc) and how
 quant.py routes to them.
 
-The quantization is checked bit for bit against quant.py's XLA path (the reference the
-fixed-seed runs of earlier versions used) over widths 1..32, nearest and stochastic
+The quantization is checked bit for bit against quant.py's XLA path on JAX 0.10 (the
+reference the fixed-seed runs of earlier versions used; to float32 rounding on newer JAX) over widths 1..32, nearest and stochastic
 rounding, one width per tensor or per sample, with and without samples passed through
 at width 0; DFQ's blend backward against a float64 NumPy sum of the XLA path's
 quantizations. Runs are long enough to be split among threads (over 16,384 elements).
@@ -10,7 +10,6 @@ quantizations. Runs are long enough to be split among threads (over 16,384 eleme
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +35,19 @@ def _both(fn, *args):
   return jax.jit(fn)(*args), jax.jit(on_kernels)(*args)
 
 
+# JAX 0.10's XLA compiles quant.py's expression to the kernel's bits. JAX 0.12's rounds
+# some elements' last bit differently (seen at 8 bits: 1-2 of 57,600 with the tests'
+# optimizations off, more with them on); there the values must agree to float32 rounding.
+EXACT = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 11)
+
+
+def _assert_same(kernel, xla):
+  if EXACT:
+    np.testing.assert_array_equal(kernel, xla)
+  else:
+    np.testing.assert_allclose(kernel, xla, rtol=2e-6, atol=1e-6)
+
+
 def _range_quantize(bits, key=None, widths=None):
   return lambda x, b=None: quant.quantize(x, bits if b is None else b, lo=jnp.min(x),
                                           hi=jnp.max(x), key=key, widths=widths)
@@ -47,7 +59,7 @@ def _range_quantize(bits, key=None, widths=None):
 def test_the_kernel_quantizes_to_the_bit_of_xla(bits, stochastic):
   key = jax.random.key(7) if stochastic else None
   xla, kernel = _both(_range_quantize(bits, key), _x())
-  np.testing.assert_array_equal(kernel, xla)
+  _assert_same(kernel, xla)
   assert len(np.unique(kernel)) <= 2**bits
 
 
@@ -59,7 +71,7 @@ def test_per_sample_widths_match_xla_and_width_zero_passes_through(stochastic, w
   bits = jnp.asarray([0, 4, 6] if widths is None else [3, 4, 6], jnp.int32)
   x = _x(1)
   xla, kernel = _both(lambda x, b: _range_quantize(None, key, widths)(x, b), x, bits)
-  np.testing.assert_array_equal(kernel, xla)
+  _assert_same(kernel, xla)
   if widths is None:
     np.testing.assert_array_equal(kernel[0], x[0])
 
@@ -131,4 +143,4 @@ def test_gradient_quantization_on_the_kernel_equals_xla_through_a_vjp():
 
   for bits in (8, jnp.asarray([2, 8, 4], jnp.int32)):
     xla, kernel = _both(jax.grad(lambda x: loss(x, bits)), x)
-    chex.assert_trees_all_equal(kernel, xla)
+    _assert_same(kernel, xla)
