@@ -36,8 +36,7 @@ class BatchNorm(nnx.BatchNorm):
     if running is None or running or not self._onednn_takes(x, mask):
       y = super().__call__(x, use_running_average, mask=mask)
       return jax.nn.relu(y) if relu else y
-    op = onednn_ops.batch_norm_relu if relu else onednn_ops.batch_norm
-    y, mean, var = op(x, self.scale[...], self.bias[...], self.epsilon)
+    y, mean, var = onednn_ops.batch_norm(x, self.scale[...], self.bias[...], self.epsilon, relu)
     # As Flax updates them: the statistics are not differentiated through.
     self.mean[...] = jax.lax.stop_gradient(self.momentum * self.mean[...]
                                            + (1 - self.momentum) * mean)

@@ -267,7 +267,7 @@ def test_the_fused_relu_is_relu_after_the_batch_norm_to_the_bit():
   g = jax.random.normal(jax.random.key(3), x.shape)
 
   def fused(x, scale, shift):
-    return jnp.vdot(ops.batch_norm_relu(x, scale, shift, 1e-5)[0], g)
+    return jnp.vdot(ops.batch_norm(x, scale, shift, 1e-5, True)[0], g)
 
   def apart(x, scale, shift):
     return jnp.vdot(jax.nn.relu(ops.batch_norm(x, scale, shift, 1e-5)[0]), g)

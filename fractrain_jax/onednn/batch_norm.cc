@@ -140,45 +140,43 @@ ffi::Error ReluBackward(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x,
                       mask.untyped_data(), mask.size_bytes());
 }
 
+// What the plain and the fused-ReLU bindings share: the forward's operands and results
+// (the ReLU's adds its mask), the backward's operands (the ReLU's add its mask).
+auto ForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x
+      .Arg<ffi::Buffer<ffi::F32>>()   // scale
+      .Arg<ffi::Buffer<ffi::F32>>()   // shift
+      .Ret<ffi::Buffer<ffi::F32>>()   // y (ReLU(y) fused)
+      .Ret<ffi::Buffer<ffi::F32>>()   // mean
+      .Ret<ffi::Buffer<ffi::F32>>();  // variance (biased)
+}
+
+auto BackwardOperands() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()   // dy
+      .Arg<ffi::Buffer<ffi::F32>>()   // x
+      .Arg<ffi::Buffer<ffi::F32>>()   // scale
+      .Arg<ffi::Buffer<ffi::F32>>()   // mean
+      .Arg<ffi::Buffer<ffi::F32>>();  // variance
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FractrainOneDnnBatchNormForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // variance (biased)
-                                  .Attr<float>("epsilon"));
+                              ForwardBinding().Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FractrainOneDnnBatchNormBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // variance
+                              BackwardOperands()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dshift
                                   .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FractrainOneDnnBatchNormReluForward, ReluForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ReLU(y)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // variance (biased)
-                                  .Ret<ffi::Buffer<ffi::U8>>()   // the ReLU's mask
+                              ForwardBinding()
+                                  .Ret<ffi::Buffer<ffi::U8>>()  // the ReLU's mask
                                   .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FractrainOneDnnBatchNormReluBackward, ReluBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // variance
+                              BackwardOperands()
                                   .Arg<ffi::Buffer<ffi::U8>>()   // the ReLU's mask
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dscale

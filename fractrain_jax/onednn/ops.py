@@ -101,15 +101,20 @@ def _backward(win, residuals, g):
 conv.defvjp(_forward, _backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float,
+               relu: bool = False):
   """(y, mean, var): float32 ``x`` [N, H, W, C] normalized over N, H and W by the batch's
   mean and biased variance (``epsilon`` added), times ``scale`` plus ``shift``.
+
+  relu: y is ReLU of that, in the same kernel; its forward pass also writes the ReLU's
+  mask (a byte an element), which the backward pass reads, so the ReLU and its
+  gradient are no passes over memory of their own.
 
   Only y is differentiated: mean and var feed the running averages, under
   ``stop_gradient`` (``norm.BatchNorm``), so their cotangents are zero.
   """
-  return _bn_forward(x, scale, shift, epsilon)[0]
+  return _bn_forward(x, scale, shift, epsilon, relu)[0]
 
 
 def _bn_results(x, scale):
@@ -118,47 +123,26 @@ def _bn_results(x, scale):
   return _like(x), _like(scale), _like(scale)
 
 
-def _bn_forward(x, scale, shift, epsilon):
+def _bn_forward(x, scale, shift, epsilon, relu):
   library.require()
-  y, mean, var = _call(library.BN_FORWARD, _bn_results(x, scale), x, scale, shift,
-                       epsilon=np.float32(epsilon))
-  return (y, mean, var), (x, scale, mean, var)
-
-
-def _bn_backward(epsilon, residuals, cotangents):
-  x, scale, mean, var = residuals
-  return tuple(_call(library.BN_BACKWARD, _bn_results(x, scale), cotangents[0], x, scale,
-                     mean, var, epsilon=np.float32(epsilon)))
-
-
-batch_norm.defvjp(_bn_forward, _bn_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_relu(x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float):
-  """``batch_norm`` with a ReLU applied to y in the same kernel: (ReLU(y), mean, var).
-
-  The forward pass also writes the ReLU's mask (a byte an element), which the backward
-  pass reads: the ReLU and its gradient are no passes over memory of their own.
-  """
-  return _bn_relu_forward(x, scale, shift, epsilon)[0]
-
-
-def _bn_relu_forward(x, scale, shift, epsilon):
-  library.require()
-  y, mean, var, mask = _call(library.BN_RELU_FORWARD,
-                             (*_bn_results(x, scale), jax.ShapeDtypeStruct(x.shape, jnp.uint8)),
-                             x, scale, shift, epsilon=np.float32(epsilon))
+  if relu:
+    y, mean, var, mask = _call(
+        library.BN_RELU_FORWARD, (*_bn_results(x, scale), jax.ShapeDtypeStruct(x.shape, jnp.uint8)),
+        x, scale, shift, epsilon=np.float32(epsilon))
+  else:
+    (y, mean, var), mask = _call(library.BN_FORWARD, _bn_results(x, scale), x, scale, shift,
+                                 epsilon=np.float32(epsilon)), None
   return (y, mean, var), (x, scale, mean, var, mask)
 
 
-def _bn_relu_backward(epsilon, residuals, cotangents):
+def _bn_backward(epsilon, relu, residuals, cotangents):
   x, scale, mean, var, mask = residuals
-  return tuple(_call(library.BN_RELU_BACKWARD, _bn_results(x, scale), cotangents[0], x, scale,
-                     mean, var, mask, epsilon=np.float32(epsilon)))
+  target, masks = (library.BN_RELU_BACKWARD, (mask,)) if relu else (library.BN_BACKWARD, ())
+  return tuple(_call(target, _bn_results(x, scale), cotangents[0], x, scale, mean, var, *masks,
+                     epsilon=np.float32(epsilon)))
 
 
-batch_norm_relu.defvjp(_bn_relu_forward, _bn_relu_backward)
+batch_norm.defvjp(_bn_forward, _bn_backward)
 
 
 def quantize(x: jax.Array, lo: jax.Array, step: jax.Array, inv_step: jax.Array,

@@ -8,8 +8,9 @@
 // quantizers were 190 ms of a static 8/8 ResNet-38 step and 600 ms of a DFQ step
 // (docs/RESULTS.md, issue 28's sixth step).
 //
-// The numbers are fractrain_jax/quant.py's `quantize` to the bit: the same float32
-// operations in the same order (the build turns off FMA contraction), the same noise hash.
+// The numbers are fractrain_jax/quant.py's `quantize` to the bit as JAX 0.10 compiles it:
+// the same float32 operations in the same order (the build turns off FMA contraction), the
+// same noise hash.
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -71,8 +72,9 @@ ffi::Error CheckGroups(int64_t size, int64_t groups, const char* what) {
 }
 
 // q = Q_bits(x; lo, hi): bits holds one width per run of x (one for the whole tensor, or
-// one per sample or token), and step, inv_step and top that width's grid. stochastic adds quant.uniform_noise's noise for `seed` (the
-// key's mixed 32 bits); passthrough leaves a run at width 0 unquantized.
+// one per sample or token), and step, inv_step and top that width's grid. stochastic adds
+// quant.uniform_noise's noise for `seed` (the key's mixed 32 bits); passthrough leaves a
+// run at width 0 unquantized.
 ffi::Error Quantize(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> lo,
                     ffi::Buffer<ffi::F32> step, ffi::Buffer<ffi::F32> inv_step,
                     ffi::Buffer<ffi::F32> top, ffi::Buffer<ffi::S32> bits,
