@@ -73,7 +73,8 @@ def real_cifar10_folder(tmp_path_factory):
 @pytest.fixture
 def optimized_compiles():
   """XLA's optimizations on for one test whose time goes to running hundreds of steps, not
-  to compiling them (the session default suits the many tests that compile and run a few)."""
+  to compiling them (the session default suits the many tests that compile and run a few).
+  The CNNs' steps need none: their convs and BatchNorms are oneDNN's calls either way."""
   before = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", False)
   try:

@@ -181,7 +181,6 @@ def test_main_py_trains_a_model_of_your_own_named_on_its_command_line(datasets, 
   assert lines(tmp_path / "vit") == before
 
 
-@pytest.mark.usefixtures("optimized_compiles")
 def test_dfq_steers_a_user_vit_to_its_target_on_cifar10(real_cifar10_folder, tmp_path):
   # As test_steering's gated ResNet-8: a short run at batch 32, so beta 1e-2, not 1e-3.
   # The per-token gate starts near 2.9, the CIFAR candidates' mean; 2.3 asks it down.

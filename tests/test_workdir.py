@@ -195,13 +195,16 @@ def test_fractrain_divergence_stops_at_once_and_a_sane_resume_trains_on(tmp_path
 # ---------------------------------------------------------------- main.py in a subprocess
 
 
-def _main(run_dir, folder, *extra, iters=6, preexec=None, env_extra=None):
+def _main(run_dir, folder, *extra, iters=6, preexec=None, env_extra=None, cache=True):
+  """main.py on ``folder``; ``cache``: the test session's compilation cache (shared by the
+  tests, so off for a process killed mid-run or denied its writes)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
   cmd = [sys.executable, "main.py", "--config", "configs/sbm_cifar10.py",
          f"--config.data.dataset=folder:{folder}", "--config.model.name=resnet8",
          f"--config.train.iters={iters}", "--config.train.batch_size=4",
          "--config.train.eval_every=2", "--config.train.eval_batch_size=4",
-         "--config.train.log_every=1", f"--workdir={run_dir}", "--nocompilation_cache", *extra]
+         "--config.train.log_every=1", f"--workdir={run_dir}",
+         *([] if cache else ["--nocompilation_cache"]), *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
 
@@ -226,7 +229,7 @@ def folder(tmp_path_factory):
 
 
 def test_one_run_per_workdir_and_a_dead_runs_lock_is_taken_over(tmp_path, folder):
-  first = _main(tmp_path / "run", folder, iters=100000)
+  first = _main(tmp_path / "run", folder, iters=100000, cache=False)
   try:
     for line in first.stderr:
       if "Starting" in line:
@@ -274,7 +277,8 @@ def test_a_full_disk_stops_in_one_line_and_leaves_no_partial_checkpoint(tmp_path
     # Without a mount: a per-file size limit that the checkpoints' arrays pass first.
     preexec = None if mounted else _file_size_limit(64 * 1024)
     t0 = time.monotonic()
-    code, _, err = _finish(_main(run_dir, folder, iters=100000, preexec=preexec), timeout=120)
+    code, _, err = _finish(_main(run_dir, folder, iters=100000, preexec=preexec, cache=False),
+                           timeout=120)
     assert time.monotonic() - t0 < 120
     assert code == 2, err[-3000:]
     line = _error_line(err)
