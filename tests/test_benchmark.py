@@ -31,6 +31,19 @@ def test_step_prints_one_row_per_method_with_ratios_to_fp32():
   assert rows[0]["ratio_to_fp32"] == 1.0
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_each_method_takes_every_place_in_the_rounds_once(n):
+  keys = [f"m{i}" for i in range(n)]
+  places = {k: [] for k in keys}
+  for r in range(n):
+    order = benchmark.turn_order(keys, r)
+    assert sorted(order) == keys  # Each method once a round.
+    for place, k in enumerate(order):
+      places[k].append(place)
+  assert all(sorted(p) == list(range(n)) for p in places.values())
+  assert benchmark.turn_order(keys, 0) == keys  # The first round in the order asked for.
+
+
 def test_per_candidate_variant_runs_dfq_with_the_authors_block_forward():
   runner = benchmark.StepRunner.create("dfq_per_candidate", model_name="resnet8",
                                        batch_size=2, num_classes=10)

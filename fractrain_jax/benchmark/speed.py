@@ -12,7 +12,8 @@ step: one whole training step (the jitted step that training runs, data
   the vocabulary; fp32, static, pfq, and dfq and frac with the LM recipes'
   candidates and DFQ target: its per-token gate; no per-candidate variants).
   The methods take turns (one untimed and one timed step each), so drift in
-  the machine's speed affects them alike.
+  the machine's speed affects them alike; each round starts one method later,
+  so no method keeps the place after another.
 profile: one step of each method by op class (``profile.py``): forward,
   input-gradient and weight-gradient convs, layout copies, quantizers, gate,
   optimizer, BN, the rest.
@@ -212,6 +213,15 @@ def timed_methods(requested: list[str] | None, model_name: str,
   return chosen
 
 
+def turn_order(keys: list, round_index: int) -> list:
+  """The order of the methods' turns in round ``round_index``: each round starts one method
+  later, so that over ``len(keys)`` rounds every method takes every place once. A fixed
+  order made the later of two equal steps 3-8% slower (static 8/8 and PFQ on ResNet-38,
+  2 CPU cores; docs/RESULTS.md, "Seventh step")."""
+  k = round_index % len(keys)
+  return keys[k:] + keys[:k]
+
+
 def bench_step(args) -> list[dict]:
   """Every (model, method) in turn; ratios to each model's FP32 step and, with several
   models, to the first model's step of the same method."""
@@ -230,8 +240,9 @@ def bench_step(args) -> list[dict]:
   # out of cache and ran about 10% slower, which narrowed the ratios; training
   # never runs that way.
   times = {method: [] for method in runners}
-  for _ in range(args.repeats):
-    for method, runner in runners.items():
+  for i in range(args.repeats):
+    for method in turn_order(list(runners), i):
+      runner = runners[method]
       jax.block_until_ready(runner.step())
       t0 = time.perf_counter()
       jax.block_until_ready(runner.step())
