@@ -83,25 +83,14 @@ def optimized_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
-# Files whose tests start main.py processes (tens of seconds each) run first: under
-# pytest-xdist a long test collected last would leave the other worker idle at the end.
+# Files whose tests start main.py processes or train for hundreds of steps (tens of seconds
+# each) run first: under pytest-xdist a long test collected last would leave the other
+# worker idle at the end.
 _SLOW_FIRST = ("test_processes.py", "test_attach_train.py", "test_workdir.py", "test_steering.py",
-               "test_gated_lm.py")
+               "test_gated_lm.py", "test_train.py")
 
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: order kept within.
 
-
-# Test files whose tests start main.py processes or train for hundreds of steps, heaviest
-# first. pytest-xdist hands tests to its workers in collection order: these go out first,
-# so that the run ends on many short tests that even out the workers' loads instead of one
-# worker finishing a long test alone.
-HEAVY_FIRST = ("test_processes.py", "test_attach_train.py", "test_workdir.py",
-               "test_steering.py", "test_gated_lm.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # Stable.

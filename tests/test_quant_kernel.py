@@ -2,10 +2,11 @@
 quant.py routes to them.
 
 The quantization is checked bit for bit against quant.py's XLA path on JAX 0.10 (the
-reference the fixed-seed runs of earlier versions used; to float32 rounding on newer JAX) over widths 1..32, nearest and stochastic
-rounding, one width per tensor or per sample, with and without samples passed through
-at width 0; DFQ's blend backward against a float64 NumPy sum of the XLA path's
-quantizations. Runs are long enough to be split among threads (over 16,384 elements).
+reference the fixed-seed runs of earlier versions used; to float32 rounding on newer
+JAX) over widths 1..32, nearest and stochastic rounding, one width per tensor or per
+sample, with and without samples passed through at width 0; DFQ's blend backward
+against a float64 NumPy sum of the XLA path's quantizations. Runs are long enough to
+be split among threads (over 16,384 elements).
 """
 
 from __future__ import annotations

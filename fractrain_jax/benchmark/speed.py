@@ -215,9 +215,9 @@ def timed_methods(requested: list[str] | None, model_name: str,
 
 def turn_order(keys: list, round_index: int) -> list:
   """The order of the methods' turns in round ``round_index``: each round starts one method
-  later, so that over ``len(keys)`` rounds every method takes every place once. A fixed
-  order made the later of two equal steps 3-8% slower (static 8/8 and PFQ on ResNet-38,
-  2 CPU cores; docs/RESULTS.md, "Seventh step")."""
+  later, so that over ``len(keys)`` rounds every method takes every place once. With a
+  fixed order the later of two equal steps was 3-8% slower in three runs (static 8/8 and
+  PFQ on ResNet-38, 2 CPU cores; docs/RESULTS.md, "Seventh step")."""
   k = round_index % len(keys)
   return keys[k:] + keys[:k]
 
@@ -240,8 +240,9 @@ def bench_step(args) -> list[dict]:
   # out of cache and ran about 10% slower, which narrowed the ratios; training
   # never runs that way.
   times = {method: [] for method in runners}
+  keys = list(runners)
   for i in range(args.repeats):
-    for method in turn_order(list(runners), i):
+    for method in turn_order(keys, i):
       runner = runners[method]
       jax.block_until_ready(runner.step())
       t0 = time.perf_counter()
