@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 
+import numpy as np
 import pytest
 
 from fractrain_jax import benchmark, cost
@@ -28,7 +29,21 @@ def test_step_prints_one_row_per_method_with_ratios_to_fp32():
     assert 0 < r["min_step_ms"] <= r["step_ms"]
     assert r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
     assert r["ratio_to_fp32"] == pytest.approx(r["step_ms"] / fp32_ms)
+    # Each round's step, and its quartiles of ratios to the same round's FP32 step.
+    assert len(r["round_ms"]) == 2 and np.median(r["round_ms"]) == pytest.approx(r["step_ms"])
+    per_round = np.asarray(r["round_ms"]) / np.asarray(rows[0]["round_ms"])
+    q1, median, q3 = np.percentile(per_round, [25, 50, 75])
+    assert r["round_ratio_to_fp32"] == pytest.approx({"q1": q1, "median": median, "q3": q3})
   assert rows[0]["ratio_to_fp32"] == 1.0
+  assert rows[0]["round_ratio_to_fp32"] == {"q1": 1.0, "median": 1.0, "q3": 1.0}
+
+
+def test_round_ratios_are_quartiles_of_each_rounds_ratio():
+  times, base = [2.0, 3.0, 9.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]
+  # Ratios 2, 1.5, 3, 1, 1: sorted 1, 1, 1.5, 2, 3.
+  assert benchmark.round_ratios(times, base) == pytest.approx({"q1": 1.0, "median": 1.5,
+                                                               "q3": 2.0})
+  assert benchmark.round_ratios([3.0], [2.0]) == {"q1": 1.5, "median": 1.5, "q3": 1.5}
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])

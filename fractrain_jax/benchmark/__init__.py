@@ -13,8 +13,8 @@ checks both).
 """
 
 from fractrain_jax.benchmark.speed import (NOT_BY_DEFAULT, VARIANTS, OwnModel, StepRunner,
-                                           bench_quant, bench_step, main, step_config,
-                                           time_fn, timed_methods, turn_order)
+                                           bench_quant, bench_step, main, round_ratios,
+                                           step_config, time_fn, timed_methods, turn_order)
 
 __all__ = ["NOT_BY_DEFAULT", "OwnModel", "StepRunner", "VARIANTS", "bench_quant", "bench_step",
-           "main", "step_config", "time_fn", "timed_methods", "turn_order"]
+           "main", "round_ratios", "step_config", "time_fn", "timed_methods", "turn_order"]

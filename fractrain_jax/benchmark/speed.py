@@ -13,7 +13,9 @@ step: one whole training step (the jitted step that training runs, data
   candidates and DFQ target: its per-token gate; no per-candidate variants).
   The methods take turns (one untimed and one timed step each), so drift in
   the machine's speed affects them alike; each round starts one method later,
-  so no method keeps the place after another.
+  so no method keeps the place after another. Each row has every round's step
+  (``round_ms``) and the quartiles of its ratios to FP32's step of the same round
+  (``round_ratio_to_fp32``), besides the ratio of medians.
 profile: one step of each method by op class (``profile.py``): forward,
   input-gradient and weight-gradient convs, layout copies, quantizers, gate,
   optimizer, BN, the rest.
@@ -222,6 +224,22 @@ def turn_order(keys: list, round_index: int) -> list:
   return keys[k:] + keys[:k]
 
 
+def round_ratios(times: list[float], base: list[float]) -> dict[str, float]:
+  """The quartiles of ``times[i] / base[i]`` over the rounds ``i`` (a method's step and
+  FP32's in the same round of turns).
+
+  Why: the machine's speed drifts between rounds (on the 2-core CPU, medians of one
+  method moved 30% from run to run); a step and its round's FP32 step see the same
+  drift, so the spread of their ratios is the method's own, and its quartiles say how
+  far one run's ratio can be trusted.
+  """
+  ratios = [t / b for t, b in zip(times, base, strict=True)]
+  if len(ratios) == 1:
+    return {"q1": ratios[0], "median": ratios[0], "q3": ratios[0]}
+  q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+  return {"q1": q1, "median": median, "q3": q3}
+
+
 def bench_step(args) -> list[dict]:
   """Every (model, method) in turn; ratios to each model's FP32 step and, with several
   models, to the first model's step of the same method."""
@@ -256,16 +274,20 @@ def bench_step(args) -> list[dict]:
                  "min_step_ms": min(samples) * 1e3,
                  "images_per_s": args.batch_size / seconds,
                  "repeats": args.repeats,
+                 "round_ms": [t * 1e3 for t in samples],
                  "device": str(jax.devices()[0].platform)})
   from fractrain_jax import methods
 
   # The ratios' base: each model's plain full-precision step.
-  fp32 = {r["model"]: r["step_ms"] for r, runner in zip(rows, runners.values())
+  base = {r["model"]: r for r, runner in zip(rows, runners.values())
           if runner.precision == methods.FP32 and not runner.trainer.gated
           and r["method"] not in VARIANTS}
   first = {r["method"]: r["step_ms"] for r in rows if r["model"] == args.model[0]}
   for r in rows:
-    r["ratio_to_fp32"] = r["step_ms"] / fp32[r["model"]] if r["model"] in fp32 else None
+    fp32 = base.get(r["model"])
+    r["ratio_to_fp32"] = r["step_ms"] / fp32["step_ms"] if fp32 else None
+    r["round_ratio_to_fp32"] = (round_ratios(r["round_ms"], fp32["round_ms"]) if fp32
+                                else None)
     if len(args.model) > 1:
       r["ratio_to_first_model"] = r["step_ms"] / first[r["method"]] if r["method"] in first else None
   return rows
@@ -347,6 +369,15 @@ def _add_model_args(p: argparse.ArgumentParser, verb: str, *, several: str, meth
                       + methods_help)
 
 
+def _text(key: str, value) -> str:
+  """``key=value`` for the text output: floats to 3 places, quartiles as ``median[q1,q3]``."""
+  if isinstance(value, float):
+    return f"{key}={value:.3f}"
+  if isinstance(value, dict) and set(value) == {"q1", "median", "q3"}:
+    return f"{key}={value['median']:.3f}[{value['q1']:.3f},{value['q3']:.3f}]"
+  return f"{key}={value}"
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m fractrain_jax.benchmark",
                                    description=__doc__.split("\n\n")[0])
@@ -388,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
       print(json.dumps(r), flush=True)
     else:
-      print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                      for k, v in r.items()), flush=True)
+      print("  ".join(_text(k, v) for k, v in r.items() if not isinstance(v, list)),
+            flush=True)
   return 0
 
