@@ -229,6 +229,26 @@ def test_an_asynchronous_instruction_runs_until_its_end_event():
   assert sum(times.values()) == pytest.approx(41 + 2 + 30.5 + 4)
 
 
+def test_an_instant_beside_a_kernel_that_takes_every_core_is_the_kernels():
+  """A fusion that runs beside an FFI kernel waits for the cores its OpenMP threads
+  hold: the instants they share are the kernel's (shared among such kernels)."""
+  from fractrain_jax.benchmark import profile
+
+  def ev(name, ts, dur):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+
+  # ffi_call.1 runs 0-10, ffi_call.2 6-12, fusion.3 2-16: alone from 12 to 16.
+  events = [ev("ffi_call.1", 0.0, 10.0), ev("ffi_call.2", 6.0, 6.0), ev("fusion.3", 2.0, 14.0)]
+  names = {"ffi_call.1", "ffi_call.2", "fusion.3"}
+  times = profile.instruction_times(events, names, all_cores={"ffi_call.1", "ffi_call.2"})
+  assert times == pytest.approx({"ffi_call.1": 6 + 2, "ffi_call.2": 2 + 2, "fusion.3": 4})
+  assert sum(times.values()) == pytest.approx(16)
+  # Without kernels that take every core, every instant is shared evenly.
+  even = profile.instruction_times(events, names)
+  assert even == pytest.approx({"ffi_call.1": 2 + 2 + 4 / 3, "ffi_call.2": 4 / 3 + 1,
+                                "fusion.3": 2 + 4 / 3 + 1 + 4})
+
+
 def test_profile_classes_the_onednn_calls_by_pass():
   """Each oneDNN kernel's FFI call is its op class, a tuple-shaped one (BN's forward
   returns y, mean and variance) included."""
@@ -250,6 +270,7 @@ ENTRY %main.1 (a: f32[2,4,4,3], b: f32[3,3,3,8], c: f32[8]) -> f32[3,3,3,8] {
 }
 """
   index = profile.HloIndex(text)
+  assert index.kernel_calls() == {"ffi_call.1", "ffi_call.2", "ffi_call.3", "ffi_call.4"}
   assert {n: index.classify(n) for n in ("ffi_call.1", "ffi_call.2", "ffi_call.3", "ffi_call.4",
                                          "other")} == {
       "ffi_call.1": "conv forward", "ffi_call.2": "BN", "ffi_call.3": "conv input-grad",

@@ -20,7 +20,13 @@ Times are the instructions' durations per step, an asynchronous one (XLA:CPU's
 own convolutions) from its launch to its ``end:`` event; where executions
 overlap (on several threads, or an asynchronous one beside others) each
 instant is shared evenly among them, so the classes add up to the time the
-step kept the CPU busy.
+step kept the CPU busy. An instant in which one of the project's FFI kernels
+runs (``KERNEL_CLASSES``) goes to the kernels alone: their OpenMP threads
+hold every core, and an XLA fusion launched beside one waits for the cores
+(on 2 cores a ReLU backward took 0.3-0.5 ms alone and 19-30 ms beside a
+conv, its interval wholly inside the conv's: docs/RESULTS.md, "Eighth
+step"). Shared evenly, such waits made FP32's ReLU backward look like a
+sixth of its step.
 """
 
 from __future__ import annotations
@@ -136,6 +142,11 @@ class HloIndex:
       return [self.instructions[n] for n in self.computations[inst.calls]]
     return [inst]
 
+  def kernel_calls(self) -> set[str]:
+    """The instructions that call one of the project's FFI kernels (``KERNEL_CLASSES``)."""
+    return {n for n, inst in self.instructions.items() if inst.op == "custom-call"
+            and (t := _TARGET.search(inst.line)) and t.group(1) in KERNEL_CLASSES}
+
   def classify(self, name: str) -> str:
     inst = self.instructions[name]
     members = self.members(name)
@@ -190,7 +201,8 @@ def step_profile(runner, *, steps: int = 3, trace_dir: str | None = None) -> dic
     with gzip.open(traces[0]) as f:
       events = json.load(f)["traceEvents"]
   totals: dict[str, float] = collections.Counter()
-  for name, us in instruction_times(events, index.instructions).items():
+  for name, us in instruction_times(events, index.instructions,
+                                    all_cores=index.kernel_calls()).items():
     totals[index.classify(name)] += us / 1e3 / steps
   return dict(totals)
 
@@ -231,13 +243,15 @@ def instruction_intervals(events: list[dict], names) -> list[tuple[float, float,
   return intervals
 
 
-def instruction_times(events: list[dict], names) -> dict[str, float]:
+def instruction_times(events: list[dict], names, all_cores=frozenset()) -> dict[str, float]:
   """Microseconds of the trace each instruction in ``names`` had, summed over its executions.
 
   Asynchronous executions overlap one another and the synchronous ones (two
   convs of different layers in flight on two cores); each instant is shared
-  evenly among the executions running then, so the times add up to the time
-  anything ran, never more than the wall time.
+  evenly among the executions running then, or, where some of them are of an
+  instruction in ``all_cores`` (a kernel that takes every core), among those
+  alone. The times add up to the time anything ran, never more than the wall
+  time.
   """
   intervals = instruction_intervals(events, names)
   bounds = []
@@ -249,8 +263,9 @@ def instruction_times(events: list[dict], names) -> dict[str, float]:
   last = None
   for t, kind, k in bounds:
     if running and t > last:
-      share = (t - last) / len(running)
-      for r in running:
+      holders = [r for r in running if intervals[r][2] in all_cores] or running
+      share = (t - last) / len(holders)
+      for r in holders:
         times[intervals[r][2]] += share
     last = t
     if kind > 0:
