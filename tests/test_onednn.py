@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
+import types
 
 import chex
 import jax
@@ -163,6 +164,17 @@ def test_the_kernel_setting_resolves_by_mesh_and_availability(monkeypatch, caplo
   with pytest.raises(ConfigError, match=r"kernels='onednn': no compiler found; expected "
                                         r"'auto' or 'xla'"):
     kernels.resolve("onednn", one)
+
+
+def test_a_gpu_runs_xla_s_convs_and_its_one_weight_gradient_conv(monkeypatch):
+  """The GPU path: on a one-device GPU mesh 'auto' is XLA's kernels with XLA's
+  whole-batch weight-gradient conv, wherever oneDNN could be built; 'onednn' is refused."""
+  gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+  monkeypatch.setattr(kernels.library, "status", lambda: library.Status(True, "here"))
+  assert kernels.resolve("auto", gpu) == kernels.XLA
+  with pytest.raises(ConfigError, match=r"this mesh has 1 gpu device"):
+    kernels.resolve("onednn", gpu)
+  assert conv.resolve_split(conv.AUTO, gpu) == conv.Split(0)
 
 
 def test_config_check_refuses_an_unknown_kernel():
