@@ -93,4 +93,3 @@ _SLOW_FIRST = ("test_processes.py", "test_attach_train.py", "test_workdir.py", "
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: order kept within.
-

@@ -79,6 +79,12 @@ class Instruction:
   op_name: str
 
 
+def _kernel_target(inst: Instruction) -> str | None:
+  """The FFI target ``inst`` calls, if it is one of the project's kernels (``KERNEL_CLASSES``)."""
+  target = _TARGET.search(inst.line) if inst.op == "custom-call" else None
+  return target.group(1) if target and target.group(1) in KERNEL_CLASSES else None
+
+
 class HloIndex:
   """The instructions of a compiled module's text, and the source files of each one."""
 
@@ -144,16 +150,15 @@ class HloIndex:
 
   def kernel_calls(self) -> set[str]:
     """The instructions that call one of the project's FFI kernels (``KERNEL_CLASSES``)."""
-    return {n for n, inst in self.instructions.items() if inst.op == "custom-call"
-            and (t := _TARGET.search(inst.line)) and t.group(1) in KERNEL_CLASSES}
+    return {n for n, inst in self.instructions.items() if _kernel_target(inst)}
 
   def classify(self, name: str) -> str:
     inst = self.instructions[name]
     members = self.members(name)
     for member in members:
-      target = _TARGET.search(member.line) if member.op == "custom-call" else None
-      if target and target.group(1) in KERNEL_CLASSES:
-        return KERNEL_CLASSES[target.group(1)]
+      target = _kernel_target(member)
+      if target:
+        return KERNEL_CLASSES[target]
     conv = next((m for m in members if m.op == "convolution"), None)
     if conv is not None:
       window = re.search(r"window=\{size=([\dx]+)", conv.line)
